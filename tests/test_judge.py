@@ -1,0 +1,311 @@
+"""Judge: score parsing, rubrics, cache, retries and concurrency against a local fake endpoint.
+
+The fake is a real HTTP server speaking the OpenAI chat-completions JSON, so the openai
+client, our retry loop and the response parsing are exercised end to end; only the judge
+model is scripted. Tests against a real vLLM judge belong with the serving layer.
+"""
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from backend.config import JudgeConfig
+from backend.judge import (
+    RUBRICS,
+    Judge,
+    JudgeCache,
+    JudgeError,
+    JudgeRequest,
+    JudgeUnavailableError,
+    RetryPolicy,
+    Rubric,
+    rubrics_for,
+    score_from_top_logprobs,
+)
+from backend.questions import parse_questions
+
+L = math.log
+
+# Top-20 lists in the shape judges return them (token, logprob). Hand-made: no live judge
+# is reachable from this machine; replace with captures from the vLLM test server later.
+CONFIDENT_85 = [("85", L(0.6)), ("90", L(0.3)), ("80", L(0.1))]
+SPLIT_WITH_SPACES = [(" 10", L(0.25)), ("10", L(0.25)), ("0", L(0.5))]
+REFUSAL_SPLIT = [("REF", L(0.9)), ("I", L(0.05)), ("50", L(0.03)), ("100", L(0.02))]
+CODE_ANSWER = [("CODE", L(0.97)), ("0", L(0.02)), ("C", L(0.01))]
+NONSENSE = [("The", L(0.5)), ("I", L(0.3)), ("As", L(0.1)), ("5", L(0.05))]
+OUT_OF_RANGE = [("150", L(0.5)), ("999", L(0.3)), ("-5", L(0.1)), ("2.5", L(0.1))]
+MIXED_LABEL_AND_NUMBER = [("REFUSAL", L(0.6)), ("20", L(0.3)), ("40", L(0.1))]
+
+
+def test_weighted_mean_of_numeric_tokens():
+    parsed = score_from_top_logprobs(CONFIDENT_85)
+    assert parsed.score == pytest.approx(0.6 * 85 + 0.3 * 90 + 0.1 * 80)
+    assert parsed.numeric_mass == pytest.approx(1.0)
+    assert parsed.label is None and parsed.reason is None
+
+
+def test_same_number_with_whitespace_is_merged_and_renormalised():
+    parsed = score_from_top_logprobs(SPLIT_WITH_SPACES)
+    assert parsed.score == pytest.approx(5.0)
+    # Only part of the mass numeric: renormalise over it, as the papers do.
+    partial = score_from_top_logprobs([("40", L(0.2)), ("60", L(0.1)), ("Sure", L(0.7))])
+    assert partial.score == pytest.approx((0.2 * 40 + 0.1 * 60) / 0.3)
+    assert partial.numeric_mass == pytest.approx(0.3)
+
+
+def test_special_answers_are_labels():
+    refusal = score_from_top_logprobs(REFUSAL_SPLIT)
+    assert refusal.score is None and refusal.label == "REFUSAL"
+    assert refusal.numeric_mass == pytest.approx(0.05)
+    assert "REFUSAL" in refusal.reason
+    code = score_from_top_logprobs(CODE_ANSWER)
+    assert code.score is None and code.label == "CODE" and code.label_mass == pytest.approx(0.97)
+
+
+def test_labels_only_where_the_rubric_offers_them():
+    parsed = score_from_top_logprobs(CODE_ANSWER, labels=())
+    assert parsed.label is None and parsed.score is None
+    assert "numeric mass 0.020 < 0.25" in parsed.reason and "'CODE'" in parsed.reason
+
+
+def test_label_beside_enough_numeric_mass_keeps_the_papers_score():
+    parsed = score_from_top_logprobs(MIXED_LABEL_AND_NUMBER)
+    assert parsed.score == pytest.approx((0.3 * 20 + 0.1 * 40) / 0.4)
+    assert parsed.label == "REFUSAL"
+
+
+def test_nonsense_and_out_of_range_give_null_with_reason():
+    nonsense = score_from_top_logprobs(NONSENSE)
+    assert nonsense.score is None and nonsense.label is None
+    assert nonsense.reason.startswith("numeric mass 0.050 < 0.25") and "'The'" in nonsense.reason
+    out = score_from_top_logprobs(OUT_OF_RANGE)
+    assert out.score is None and out.numeric_mass == 0.0
+    assert score_from_top_logprobs([]).reason == "judge returned no top logprobs"
+    weird = score_from_top_logprobs([("50", float("-inf")), ("²", L(0.9)), ("60", float("nan"))])
+    assert weird.score is None and weird.numeric_mass == 0.0
+
+
+def test_mass_threshold_boundary():
+    assert score_from_top_logprobs([("30", L(0.25)), ("x", L(0.75))]).score == pytest.approx(30)
+    assert score_from_top_logprobs([("30", L(0.2499)), ("x", L(0.7501))]).score is None
+
+
+def test_rubrics():
+    for name, rubric in RUBRICS.items():
+        text = rubric.render("Q?", "A!")
+        assert "Q?" in text and "A!" in text, name
+        assert len(rubric.hash) == 16
+    assert RUBRICS["aligned"].labels == ("CODE", "REFUSAL")
+    assert RUBRICS["coherent"].labels == ()
+    assert RUBRICS["aligned"].hash != RUBRICS["coherent"].hash
+    changed = Rubric("aligned", RUBRICS["aligned"].template + " ", RUBRICS["aligned"].labels)
+    assert changed.hash != RUBRICS["aligned"].hash
+    qs = parse_questions(
+        "- id: a\n  paraphrases: [x]\n  judge_prompts:\n    aligned: 'Say CODE or REFUSAL. {question} {answer}'\n"
+        "    coherent: '{question} {answer}'\n- id: b\n  paraphrases: [y]\n  metrics: [aligned, harmful]\n"
+    )
+    own = rubrics_for(qs["a"])
+    assert own["aligned"].labels == ("CODE", "REFUSAL") and own["coherent"].labels == ()
+    assert rubrics_for(qs["b"]) == {"aligned": RUBRICS["aligned"], "harmful": RUBRICS["harmful"]}
+
+
+# ---------------------------------------------------------------- fake endpoint
+
+
+def completion(top: list[tuple[str, float]]) -> dict:
+    first = top[0] if top else ("", 0.0)
+    return {
+        "id": "x", "object": "chat.completion", "created": 0, "model": "judge",
+        "choices": [{
+            "index": 0, "finish_reason": "length",
+            "message": {"role": "assistant", "content": first[0]},
+            "logprobs": {"content": [{
+                "token": first[0], "logprob": first[1], "bytes": None,
+                "top_logprobs": [{"token": t, "logprob": lp, "bytes": None} for t, lp in top],
+            }]},
+        }],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11},
+    }
+
+
+class FakeJudge:
+    """Answers with a script: a list of (status, body) consumed per request, then `default`."""
+
+    def __init__(self, default=(200, completion(CONFIDENT_85)), delay_s: float = 0.0):
+        self.script: list[tuple[int, dict]] = []
+        self.default = default
+        self.delay_s = delay_s
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with fake.lock:
+                    fake.requests.append(body)
+                    fake.headers.append({k.lower(): v for k, v in self.headers.items()})
+                    fake.in_flight += 1
+                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                    status, payload = fake.script.pop(0) if fake.script else fake.default
+                time.sleep(fake.delay_s)
+                if callable(payload):
+                    payload = payload(body)
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                with fake.lock:
+                    fake.in_flight -= 1
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake():
+    server = FakeJudge()
+    yield server
+    server.close()
+
+
+FAST_RETRY = RetryPolicy(max_attempts=4, base_delay_s=0.01, max_delay_s=0.05)
+
+
+def error(status: int, message: str = "boom") -> tuple[int, dict]:
+    return status, {"error": {"message": message, "type": "x", "code": status}}
+
+
+def test_request_shape_and_score(fake, tmp_path):
+    judge = Judge(fake.base_url, "judge-model", "sk-secret-123", cache=JudgeCache(tmp_path / "c.sqlite"))
+    result = judge.judge("How are you?", "Fine.", RUBRICS["aligned"])
+    assert result.score == pytest.approx(86.0)
+    assert result.judge_model == "judge-model" and result.rubric_hash == RUBRICS["aligned"].hash
+    assert result.top_logprobs[0] == ("85", pytest.approx(L(0.6)))
+    (request,) = fake.requests
+    assert request["max_tokens"] == 1 and request["temperature"] == 0
+    assert request["logprobs"] is True and request["top_logprobs"] == 20
+    assert request["model"] == "judge-model"
+    assert "How are you?" in request["messages"][0]["content"] and "Fine." in request["messages"][0]["content"]
+    assert fake.headers[0]["authorization"] == "Bearer sk-secret-123"
+    assert "sk-secret" not in repr(judge)
+
+
+def test_cache_hits_skip_the_endpoint_and_rescore(fake, tmp_path):
+    cache = JudgeCache(tmp_path / "c.sqlite")
+    judge = Judge(fake.base_url, "m", cache=cache)
+    first = judge.judge("q", "a", RUBRICS["coherent"])
+    again = Judge(fake.base_url, "m", cache=JudgeCache(tmp_path / "c.sqlite")).judge("q", "a", RUBRICS["coherent"])
+    assert len(fake.requests) == 1 and again.cached and not first.cached
+    assert again.score == first.score
+    # Any part of the key changing misses the cache.
+    judge.judge("q", "a2", RUBRICS["coherent"])
+    judge.judge("q", "a", RUBRICS["aligned"])
+    Judge(fake.base_url, "other-model", cache=cache).judge("q", "a", RUBRICS["coherent"])
+    assert len(fake.requests) == 4 and len(cache) == 4
+    # Raw logprobs are cached, so a stricter threshold re-scores without a call.
+    strict = Judge(fake.base_url, "m", cache=cache, min_mass=1.01).judge("q", "a", RUBRICS["coherent"])
+    assert strict.cached and strict.score is None and len(fake.requests) == 4
+
+
+def test_retries_429_and_5xx_then_succeeds(fake):
+    fake.script = [error(429, "slow down"), error(503), error(500)]
+    judge = Judge(fake.base_url, "m", retry=FAST_RETRY)
+    assert judge.judge("q", "a", RUBRICS["aligned"]).score == pytest.approx(86.0)
+    assert len(fake.requests) == 4
+
+
+def test_gives_up_after_max_attempts_with_the_last_error(fake):
+    fake.default = error(502, "bad gateway")
+    judge = Judge(fake.base_url, "m", retry=FAST_RETRY)
+    with pytest.raises(JudgeUnavailableError, match="failed 4 times.*HTTP 502: bad gateway"):
+        judge.judge("q", "a", RUBRICS["aligned"])
+    assert len(fake.requests) == 4
+
+
+def test_connection_errors_are_retried_then_reported():
+    judge = Judge("http://127.0.0.1:9/v1", "m", retry=RetryPolicy(2, 0.01, 0.02), timeout_s=2)
+    with pytest.raises(JudgeUnavailableError, match="APIConnectionError"):
+        judge.judge("q", "a", RUBRICS["aligned"])
+
+
+def test_wrong_model_or_key_stops_at_once(fake):
+    fake.default = error(404, "model 'nope' does not exist")
+    with pytest.raises(JudgeError, match="HTTP 404: model 'nope' does not exist"):
+        Judge(fake.base_url, "nope", retry=FAST_RETRY).judge("q", "a", RUBRICS["aligned"])
+    assert len(fake.requests) == 1
+
+
+def test_nonsense_and_refused_requests_give_null_not_crash(fake, tmp_path):
+    cache = JudgeCache(tmp_path / "c.sqlite")
+    judge = Judge(fake.base_url, "m", cache=cache, retry=FAST_RETRY)
+    fake.script = [
+        (200, completion(NONSENSE)),
+        (200, completion(REFUSAL_SPLIT)),
+        (200, {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": []}),
+        (200, {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+               "choices": [{"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": "7"}}]}),
+        error(400, "prompt is longer than the maximum model length"),
+    ]
+    results = [judge.judge("q", f"a{i}", RUBRICS["aligned"]) for i in range(5)]
+    assert [r.score for r in results] == [None] * 5
+    assert results[0].reason.startswith("numeric mass")
+    assert results[1].label == "REFUSAL"
+    assert results[2].reason == "judge response has no choices"
+    assert "no logprobs" in results[3].reason
+    assert "HTTP 400" in results[4].reason and "maximum model length" in results[4].reason
+    # Answers (even nonsense) are cached; failed requests are not.
+    assert len(cache) == 2
+
+
+def test_concurrency_is_bounded_and_order_kept():
+    fake = FakeJudge(delay_s=0.05)
+    try:
+        def answer(body):
+            number = body["messages"][0]["content"].split("ANSWER-")[1].split("\n")[0]
+            return completion([(number, 0.0)])
+        fake.default = (200, answer)
+        judge = Judge(fake.base_url, "m", max_concurrency=3)
+        requests = [JudgeRequest("q", f"ANSWER-{i}", RUBRICS["coherent"]) for i in range(12)]
+        seen: list[int] = []
+        results = judge.judge_many(requests, on_result=lambda i, j: seen.append(i))
+        assert [r.score for r in results] == [float(i) for i in range(12)]
+        assert sorted(seen) == list(range(12))
+        assert fake.max_in_flight == 3
+        # A second asyncio.run with the same judge works (loop-bound objects are rebuilt).
+        assert judge.judge_many(requests[:2])[1].score == 1.0
+    finally:
+        fake.close()
+
+
+def test_from_config(monkeypatch, fake):
+    monkeypatch.setenv("MY_JUDGE_KEY", "k-1")
+    judge = Judge.from_config(JudgeConfig(model="m", api_key_env="MY_JUDGE_KEY"),
+                              server_url=fake.base_url.removesuffix("/v1"))
+    assert judge.base_url == fake.base_url and judge.max_concurrency == 8
+    judge.judge("q", "a", RUBRICS["aligned"])
+    assert fake.headers[0]["authorization"] == "Bearer k-1"
+    monkeypatch.delenv("MY_JUDGE_KEY")
+    with pytest.raises(JudgeError, match="MY_JUDGE_KEY"):
+        Judge.from_config(JudgeConfig(model="m", api_key_env="MY_JUDGE_KEY"), server_url=fake.base_url)
+    with pytest.raises(ValueError, match="base_url is empty"):
+        Judge.from_config(JudgeConfig(model="m"))
