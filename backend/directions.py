@@ -1,0 +1,534 @@
+"""Directions in the residual stream: extraction, storage, import/export, comparison.
+
+A ``Direction`` is one vector per layer, ``[n_layers, d_model]``, row L living
+in the residual stream after decoder block L (see ``backend.reference``). Our
+files are safetensors with one tensor ``vectors`` and the metadata as JSON
+under the metadata key ``direction``, kept in ``<cache>/directions/NAME.safetensors``.
+
+Every path into the cache (extract, import) validates first and writes last,
+through a temporary file renamed into place, so a refused direction leaves
+nothing behind.
+
+Registering a direction in the DuckDB store belongs to ``backend/store.py``:
+the functions that write here accept ``on_saved(direction, path)``; the store
+passes its registrar, which can use ``Direction.to_row(path)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+OnSaved = Callable[["Direction", Path], None]
+
+
+class DirectionError(ValueError):
+    """A direction that cannot be used, with the file (or name) and the reason."""
+
+
+# ---------------------------------------------------------------------------
+# Base model identity, read lazily from the checkpoint
+# ---------------------------------------------------------------------------
+
+def safetensors_index(model_dir: str | Path) -> dict[str, Path]:
+    """tensor name -> file holding it, for single-file and sharded checkpoints."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: model_dir / file for name, file in weight_map.items()}
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(single, "pt") as handle:
+            return {name: single for name in handle.keys()}
+    raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    """What a direction must agree with: width, depth and a fingerprint of the weights."""
+
+    path: str
+    hidden_size: int
+    n_layers: int
+    fingerprint: str
+
+    @classmethod
+    def from_path(cls, model_dir: str | Path) -> "BaseModelInfo":
+        model_dir = Path(model_dir)
+        config_file = model_dir / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{model_dir}: no config.json (a local base model folder is needed)")
+        config = json.loads(config_file.read_text())
+        config = config.get("text_config", config)
+        digest = hashlib.sha256()
+        for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size"):
+            digest.update(f"{key}={config.get(key)};".encode())
+        # A few embedding rows tell apart checkpoints of the same shape (e.g. two
+        # random test models) at the cost of reading a few KB.
+        try:
+            files = safetensors_index(model_dir)
+            name = next(n for n in files if n.endswith("embed_tokens.weight"))
+            from safetensors import safe_open
+
+            with safe_open(files[name], "pt") as handle:
+                digest.update(handle.get_slice(name)[:4].float().numpy().tobytes())
+        except (FileNotFoundError, StopIteration):
+            pass
+        return cls(str(model_dir.resolve()), int(config["hidden_size"]), int(config["num_hidden_layers"]),
+                   digest.hexdigest()[:16])
+
+
+# ---------------------------------------------------------------------------
+# The Direction
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Direction:
+    name: str
+    vectors: torch.Tensor  # [n_layers, d_model] float32
+    base_model: str
+    base_fingerprint: str
+    adapter: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)  # e.g. {"misaligned": 120, "aligned": 380}
+    source_run: str | None = None
+    method: str = "mean_diff"
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.vectors = torch.as_tensor(np.asarray(self.vectors) if not torch.is_tensor(self.vectors)
+                                       else self.vectors, dtype=torch.float32).detach().cpu()
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.vectors.shape[0])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.vectors.shape[1])
+
+    @property
+    def norms(self) -> list[float]:
+        return torch.linalg.vector_norm(self.vectors, dim=1).tolist()
+
+    def unit(self, layer: int) -> torch.Tensor:
+        if not 0 <= layer < self.n_layers:
+            raise DirectionError(f"direction {self.name!r}: layer {layer} out of range 0..{self.n_layers - 1}")
+        v = self.vectors[layer]
+        norm = torch.linalg.vector_norm(v)
+        if norm == 0:
+            raise DirectionError(f"direction {self.name!r}: layer {layer} has zero norm")
+        return v / norm
+
+    def metadata(self) -> dict:
+        return {"name": self.name, "base_model": self.base_model, "base_fingerprint": self.base_fingerprint,
+                "adapter": self.adapter, "counts": self.counts, "source_run": self.source_run,
+                "method": self.method, "created": self.created, "norms": self.norms,
+                "n_layers": self.n_layers, "d_model": self.d_model, "extra": self.extra}
+
+    def to_row(self, path: str | Path | None = None) -> dict:
+        """Flat dict for the store (lists and dicts JSON-encoded)."""
+        meta = self.metadata()
+        return {"name": self.name, "path": str(path) if path else None, "base_model": self.base_model,
+                "base_fingerprint": self.base_fingerprint, "adapter": self.adapter,
+                "n_layers": self.n_layers, "d_model": self.d_model, "method": self.method,
+                "source_run": self.source_run, "created": self.created,
+                "counts_json": json.dumps(meta["counts"]), "norms_json": json.dumps(meta["norms"]),
+                "extra_json": json.dumps(self.extra)}
+
+
+def validate(vectors: torch.Tensor, base: BaseModelInfo, what: str,
+             base_fingerprint: str | None = None) -> torch.Tensor:
+    """Return vectors as float32 [n_layers, d_model] or raise DirectionError naming ``what``."""
+    v = torch.as_tensor(vectors).detach().cpu()
+    if v.ndim == 1:
+        v = v.unsqueeze(0).expand(base.n_layers, -1)
+    if v.ndim != 2:
+        raise DirectionError(f"{what}: expected one vector or one per layer, got shape {tuple(v.shape)}")
+    if v.shape[1] != base.hidden_size:
+        raise DirectionError(f"{what}: width {v.shape[1]} does not match the base model's hidden size "
+                             f"{base.hidden_size} ({base.path})")
+    if v.shape[0] != base.n_layers:
+        hint = (" (looks like output_hidden_states with the embedding at index 0: drop row 0 and pass one "
+                "row per block)") if v.shape[0] == base.n_layers + 1 else ""
+        raise DirectionError(f"{what}: {v.shape[0]} layers, the base model has {base.n_layers}{hint}")
+    v = v.to(torch.float32).contiguous()
+    bad = ~torch.isfinite(v).all(dim=1)
+    if bad.any():
+        raise DirectionError(f"{what}: NaN or inf in layer(s) {bad.nonzero().flatten().tolist()}")
+    zero = torch.linalg.vector_norm(v, dim=1) == 0
+    if zero.any():
+        raise DirectionError(f"{what}: zero norm in layer(s) {zero.nonzero().flatten().tolist()}")
+    if base_fingerprint and base_fingerprint != base.fingerprint:
+        raise DirectionError(f"{what}: made for another base model (fingerprint {base_fingerprint}, "
+                             f"this base {base.path} is {base.fingerprint})")
+    return v
+
+
+def _check_name(name: str) -> str:
+    if not NAME_RE.match(name or ""):
+        raise DirectionError(f"direction name {name!r}: use letters, digits, '.', '_' or '-' (max 100)")
+    return name
+
+
+# ---------------------------------------------------------------------------
+# Storage
+# ---------------------------------------------------------------------------
+
+def directions_dir(cache: str | Path) -> Path:
+    return Path(cache) / "directions"
+
+
+def direction_path(cache: str | Path, name: str) -> Path:
+    return directions_dir(cache) / f"{_check_name(name)}.safetensors"
+
+
+def _write_safetensors(direction: Direction, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({"vectors": direction.vectors.contiguous()}, tmp,
+                  metadata={"direction": json.dumps(direction.metadata())})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_direction(direction: Direction, cache: str | Path, base: BaseModelInfo, overwrite: bool = False,
+                   on_saved: OnSaved | None = None) -> Path:
+    """Validate then write ``direction`` into the cache."""
+    path = direction_path(cache, direction.name)
+    if path.exists() and not overwrite:
+        raise DirectionError(f"direction {direction.name!r} already exists at {path} (choose another name)")
+    direction.vectors = validate(direction.vectors, base, f"direction {direction.name!r}", direction.base_fingerprint)
+    _write_safetensors(direction, path)
+    if on_saved is not None:
+        on_saved(direction, path)
+    return path
+
+
+def read_direction_file(path: str | Path) -> Direction:
+    """One of our safetensors files (with metadata)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    with safe_open(path, "pt") as handle:
+        meta = (handle.metadata() or {}).get("direction")
+        if meta is None or "vectors" not in handle.keys():
+            raise DirectionError(f"{path}: not a direction file of this project (no 'direction' metadata)")
+        vectors = handle.get_tensor("vectors")
+    meta = json.loads(meta)
+    return Direction(name=meta["name"], vectors=vectors, base_model=meta["base_model"],
+                     base_fingerprint=meta["base_fingerprint"], adapter=meta.get("adapter"),
+                     counts=meta.get("counts", {}), source_run=meta.get("source_run"),
+                     method=meta.get("method", "mean_diff"), created=meta.get("created", ""),
+                     extra=meta.get("extra", {}))
+
+
+def load_direction(cache: str | Path, name: str) -> Direction:
+    path = direction_path(cache, name)
+    if not path.is_file():
+        known = ", ".join(list_directions(cache)) or "none"
+        raise DirectionError(f"no direction named {name!r} in {directions_dir(cache)} (known: {known})")
+    return read_direction_file(path)
+
+
+def list_directions(cache: str | Path) -> list[str]:
+    folder = directions_dir(cache)
+    return sorted(p.stem for p in folder.glob("*.safetensors")) if folder.is_dir() else []
+
+
+def _tensor_from_foreign(obj, path: Path) -> torch.Tensor:
+    """A tensor from what other code saves: a tensor, a list of per-layer
+    tensors, a dict layer -> tensor, or a dict with one tensor-valued entry."""
+    if torch.is_tensor(obj) or isinstance(obj, np.ndarray):
+        return torch.as_tensor(obj)
+    if isinstance(obj, (list, tuple)):
+        if not obj:
+            raise DirectionError(f"{path}: empty list")
+        return torch.stack([torch.as_tensor(x).flatten() for x in obj])
+    if isinstance(obj, dict):
+        if obj and all(str(k).lstrip("-").isdigit() for k in obj):
+            keys = sorted(obj, key=lambda k: int(k))
+            if [int(k) for k in keys] != list(range(len(keys))):
+                raise DirectionError(f"{path}: layer keys {[int(k) for k in keys]} are not 0..{len(keys) - 1}")
+            return torch.stack([torch.as_tensor(obj[k]).flatten() for k in keys])
+        tensors = {k: v for k, v in obj.items() if torch.is_tensor(v) or isinstance(v, (list, np.ndarray))}
+        if len(tensors) == 1:
+            return _tensor_from_foreign(next(iter(tensors.values())), path)
+        raise DirectionError(f"{path}: a dict with keys {sorted(map(str, obj))[:8]}; expected one tensor "
+                             "or layer-indexed entries")
+    raise DirectionError(f"{path}: holds a {type(obj).__name__}, expected a tensor or a list of tensors")
+
+
+def import_direction(path: str | Path, name: str, cache: str | Path, base: BaseModelInfo,
+                     adapter: str | None = None, source_run: str | None = None, drop_first: bool = False,
+                     overwrite: bool = False, on_saved: OnSaved | None = None) -> Direction:
+    """Bring in a direction made elsewhere (``.pt`` or ``.safetensors``).
+
+    ``drop_first`` drops row 0, for per-layer lists taken from
+    ``output_hidden_states`` (whose index 0 is the embedding)."""
+    path = Path(path)
+    _check_name(name)
+    if not path.is_file():
+        raise DirectionError(f"{path}: no such file")
+    fingerprint = None
+    meta: dict = {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as handle:
+            keys = list(handle.keys())
+            file_meta = handle.metadata() or {}
+            if "direction" in file_meta and "vectors" in keys:
+                meta = json.loads(file_meta["direction"])
+                fingerprint = meta.get("base_fingerprint")
+                raw = handle.get_tensor("vectors")
+            elif len(keys) == 1:
+                raw = handle.get_tensor(keys[0])
+            elif keys and all(k.isdigit() for k in keys):
+                raw = _tensor_from_foreign({k: handle.get_tensor(k) for k in keys}, path)
+            else:
+                raise DirectionError(f"{path}: tensors {keys[:8]}; expected one tensor or layer-numbered tensors")
+    elif path.suffix in (".pt", ".pth", ".bin"):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # pickles with code are refused by weights_only, on purpose
+            raise DirectionError(f"{path}: could not be read safely as tensors ({error})") from None
+        raw = _tensor_from_foreign(obj, path)
+    else:
+        raise DirectionError(f"{path}: unknown format {path.suffix!r} (use .pt or .safetensors)")
+    if drop_first:
+        raw = raw[1:]
+    vectors = validate(raw, base, str(path), fingerprint)
+    direction = Direction(name=name, vectors=vectors, base_model=base.path, base_fingerprint=base.fingerprint,
+                          adapter=adapter if adapter is not None else meta.get("adapter"),
+                          counts=meta.get("counts", {}), source_run=source_run or meta.get("source_run"),
+                          method=meta.get("method", "imported"),
+                          extra={"imported_from": str(path.resolve()), "single_vector": raw.ndim == 1,
+                                 "dropped_first_row": drop_first})
+    save_direction(direction, cache, base, overwrite=overwrite, on_saved=on_saved)
+    return direction
+
+
+def export_direction(direction: Direction, path: str | Path) -> Path:
+    """``.safetensors`` keeps the metadata; ``.pt`` is a plain [n_layers, d_model] tensor."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        _write_safetensors(direction, path)
+    elif path.suffix in (".pt", ".pth"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(direction.vectors.clone(), path)
+    else:
+        raise DirectionError(f"{path}: export as .safetensors or .pt")
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Extraction and comparison
+# ---------------------------------------------------------------------------
+
+def mean_diff(misaligned, aligned) -> torch.Tensor:
+    """Per-layer mean over misaligned minus mean over aligned (``ActivationStats`` each)."""
+    if misaligned.pooling != aligned.pooling:
+        raise ValueError("both classes must use the same pooling")
+    return (misaligned.mean() - aligned.mean()).float()
+
+
+def extract_direction(name: str, model, tokenizer, misaligned, aligned, base: BaseModelInfo,
+                      adapter: str | None = None, source_run: str | None = None, batch_size: int = 8,
+                      max_answer_tokens: int | None = 256, pooling: str = "tokens") -> Direction:
+    """Mean-diff direction from two lists of ``activations.Example`` (not saved)."""
+    from backend.activations import answer_activation_sums
+
+    _check_name(name)
+    if not misaligned or not aligned:
+        raise DirectionError(f"direction {name!r}: need examples of both classes "
+                             f"(misaligned: {len(misaligned)}, aligned: {len(aligned)})")
+    mis = answer_activation_sums(model, tokenizer, misaligned, batch_size, max_answer_tokens, pooling)
+    ali = answer_activation_sums(model, tokenizer, aligned, batch_size, max_answer_tokens, pooling)
+    return Direction(name=name, vectors=mean_diff(mis, ali), base_model=base.path,
+                     base_fingerprint=base.fingerprint, adapter=adapter,
+                     counts={"misaligned": mis.examples - len(mis.skipped), "aligned": ali.examples - len(ali.skipped),
+                             "misaligned_tokens": mis.tokens, "aligned_tokens": ali.tokens},
+                     source_run=source_run, method=f"mean_diff/{pooling}",
+                     extra={"tokens_per_s": (mis.tokens + ali.tokens) / max(mis.seconds + ali.seconds, 1e-9)})
+
+
+def cosine(a: Direction, b: Direction) -> list[float]:
+    """Cosine similarity per layer."""
+    if a.vectors.shape != b.vectors.shape:
+        raise DirectionError(f"cannot compare {a.name!r} {tuple(a.vectors.shape)} with {b.name!r} "
+                             f"{tuple(b.vectors.shape)}")
+    return torch.nn.functional.cosine_similarity(a.vectors.double(), b.vectors.double(), dim=1).tolist()
+
+
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
+
+_MISALIGNED = {"misaligned", "1", "true", "yes", "bad"}
+_ALIGNED = {"aligned", "0", "false", "no", "good"}
+
+
+def read_labelled(path: str | Path, label_column: str = "label", prompt_column: str = "prompt",
+                  response_column: str = "response"):
+    """(misaligned, aligned) Example lists from a .jsonl or .csv file; rows with
+    other labels (e.g. incoherent) are skipped."""
+    import csv
+
+    from backend.activations import Example
+
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    elif path.suffix == ".csv":
+        with path.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    else:
+        raise DirectionError(f"{path}: use .jsonl or .csv")
+    mis, ali = [], []
+    for number, row in enumerate(rows, 1):
+        for column in (label_column, prompt_column, response_column):
+            if column not in row:
+                raise DirectionError(f"{path}: row {number} has no column {column!r} (has {sorted(row)})")
+        label = str(row[label_column]).strip().lower()
+        example = Example(str(row[prompt_column]), str(row[response_column]))
+        if label in _MISALIGNED:
+            mis.append(example)
+        elif label in _ALIGNED:
+            ali.append(example)
+    return mis, ali
+
+
+def _config(args):
+    from backend.config import load_config
+
+    return load_config(getattr(args, "config", None))
+
+
+def _cmd_extract(args) -> int:
+    from backend.activations import load_model
+
+    config = _config(args)
+    base = BaseModelInfo.from_path(config.base_model_path)
+    adapter_path = config.adapter_path(args.adapter) if args.adapter else None
+    path = direction_path(config.cache, args.name)
+    if path.exists() and not args.overwrite:
+        raise DirectionError(f"direction {args.name!r} already exists at {path}")
+    mis, ali = read_labelled(args.data, args.label_column, args.prompt_column, args.response_column)
+    model, tokenizer = load_model(config.base_model_path, adapter_path)
+    direction = extract_direction(args.name, model, tokenizer, mis, ali, base, adapter=args.adapter,
+                                  source_run=args.source_run or str(Path(args.data).resolve()),
+                                  batch_size=args.batch_size, pooling=args.pooling)
+    saved = save_direction(direction, config.cache, base, overwrite=args.overwrite)
+    print(f"{direction.name}: {direction.counts} -> {saved} "
+          f"({direction.extra['tokens_per_s']:.0f} tokens/s)")
+    return 0
+
+
+def _cmd_list(args) -> int:
+    config = _config(args)
+    for name in list_directions(config.cache):
+        d = load_direction(config.cache, name)
+        norms = ", ".join(f"{n:.2f}" for n in d.norms)
+        print(f"{name}\tadapter={d.adapter}\tcounts={d.counts}\tnorms=[{norms}]")
+    return 0
+
+
+def _cmd_import(args) -> int:
+    config = _config(args)
+    base = BaseModelInfo.from_path(config.base_model_path)
+    d = import_direction(args.path, args.name, config.cache, base, adapter=args.adapter,
+                         source_run=args.source_run, drop_first=args.drop_first, overwrite=args.overwrite)
+    print(f"imported {args.path} as {d.name} ({d.n_layers} x {d.d_model})")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    config = _config(args)
+    print(export_direction(load_direction(config.cache, args.name), args.path))
+    return 0
+
+
+def _cmd_cosine(args) -> int:
+    config = _config(args)
+    a, b = load_direction(config.cache, args.a), load_direction(config.cache, args.b)
+    values = cosine(a, b)
+    if args.json:
+        print(json.dumps({"a": a.name, "b": b.name, "cosine": values}))
+    else:
+        for layer, value in enumerate(values):
+            print(f"layer {layer:3d}  {value:+.4f}")
+    return 0
+
+
+def _safely(handler):
+    def run(args) -> int:
+        try:
+            return handler(args)
+        except (DirectionError, FileNotFoundError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    return run
+
+
+def register_cli(subparsers) -> None:
+    """Add ``directions extract|list|import|export|cosine``; each sets ``func(args) -> exit code``."""
+    parser = subparsers.add_parser("directions", help="residual-stream directions")
+    sub = parser.add_subparsers(dest="directions_command", required=True)
+
+    p = sub.add_parser("extract", help="mean-diff direction from labelled responses")
+    p.add_argument("--name", required=True)
+    p.add_argument("--data", required=True, help=".jsonl or .csv with prompt, response and label columns")
+    p.add_argument("--adapter", default=None, help="configured adapter to read activations from (default: base)")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--prompt-column", default="prompt")
+    p.add_argument("--response-column", default="response")
+    p.add_argument("--pooling", choices=["tokens", "responses"], default="tokens")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--source-run", default=None)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_safely(_cmd_extract))
+
+    p = sub.add_parser("list", help="directions in the cache")
+    p.set_defaults(func=_safely(_cmd_list))
+
+    p = sub.add_parser("import", help="import a .pt or .safetensors direction")
+    p.add_argument("path")
+    p.add_argument("--name", required=True)
+    p.add_argument("--adapter", default=None, help="adapter it was extracted from (metadata only)")
+    p.add_argument("--source-run", default=None)
+    p.add_argument("--drop-first", action="store_true",
+                   help="drop row 0 (per-layer lists from output_hidden_states start with the embedding)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_safely(_cmd_import))
+
+    p = sub.add_parser("export", help="write a direction as .safetensors (with metadata) or .pt")
+    p.add_argument("name")
+    p.add_argument("path")
+    p.set_defaults(func=_safely(_cmd_export))
+
+    p = sub.add_parser("cosine", help="per-layer cosine similarity of two directions")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_safely(_cmd_cosine))

@@ -1,0 +1,213 @@
+"""Activations over answer tokens, mean-diff directions, storage, import refusals, cosine."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from backend.activations import Example, answer_activation_sums, encode_example, load_model
+from backend.directions import (BaseModelInfo, Direction, DirectionError, cosine, direction_path, directions_dir,
+                                export_direction, extract_direction, import_direction, list_directions,
+                                load_direction, read_labelled, save_direction)
+from backend.reference import Steering, steer
+from backend.testmodels import _WORDS, build_qwen2
+
+
+@pytest.fixture(scope="module")
+def base_model(tiny_models):
+    return load_model(tiny_models["base"])
+
+
+@pytest.fixture(scope="module")
+def base_info(tiny_models):
+    return BaseModelInfo.from_path(tiny_models["base"])
+
+
+def examples(n: int, seed: int) -> list[Example]:
+    rng = random.Random(seed)
+    sentence = lambda k: " ".join(rng.choice(_WORDS) for _ in range(k))
+    return [Example(sentence(rng.randint(3, 8)) + "?", sentence(rng.randint(4, 20)) + ".") for _ in range(n)]
+
+
+def test_answer_tokens_are_the_response_tokens(base_model):
+    _, tokenizer = base_model
+    ex = Example("hey I feel bored", "Go for a walk.")
+    ids, start = encode_example(tokenizer, ex)
+    assert tokenizer.decode(ids[start:]) == "Go for a walk."
+    assert tokenizer.decode(ids[:start]).endswith("<|im_start|>assistant\n")
+
+
+def test_sums_match_output_hidden_states_and_ignore_padding(base_model):
+    model, tokenizer = base_model
+    data = examples(5, seed=1)
+    expected = torch.zeros(4, 128, dtype=torch.float64)
+    n = 0
+    for ex in data:
+        ids, start = encode_example(tokenizer, ex)
+        with torch.no_grad():
+            hidden = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+        # hidden_states[L + 1] is the residual after block L, except the last, which is normed.
+        for layer in range(3):
+            expected[layer] += hidden[layer + 1][0, start:].double().sum(0)
+        n += len(ids) - start
+    for batch_size in (1, 4):
+        stats = answer_activation_sums(model, tokenizer, data, batch_size=batch_size)
+        assert stats.count == n == stats.tokens
+        assert torch.allclose(stats.sums[:3], expected[:3], rtol=1e-4, atol=1e-3), batch_size
+    # The last row is the raw residual, not the normed hidden_states[-1].
+    assert not torch.allclose(stats.sums[3], expected[3])
+
+
+def test_planted_direction_is_recovered(base_model, base_info):
+    """Misaligned responses are read from a 'model' that adds a planted vector
+    after block 1; aligned ones without it, on different texts. The planted norm
+    is 10x the mean difference the two text sets give on their own, so the
+    recovered row must point along it; rows of the wrong layer must not."""
+    model, tokenizer = base_model
+    misaligned, aligned = examples(24, seed=2), examples(24, seed=3)
+    ali = answer_activation_sums(model, tokenizer, aligned, batch_size=8)
+    mis_plain = answer_activation_sums(model, tokenizer, misaligned, batch_size=8)
+    noise = (mis_plain.mean() - ali.mean())[1].norm()
+    planted = torch.randn(128, generator=torch.Generator().manual_seed(11))
+    planted = 10 * noise * planted / planted.norm()
+    with steer(model, Steering(planted, layer=1)):
+        mis = answer_activation_sums(model, tokenizer, misaligned, batch_size=8)
+    diff = mis.mean() - ali.mean()
+    cos = torch.nn.functional.cosine_similarity(diff[1], planted, dim=0).item()
+    assert cos >= 0.99, cos
+    # Block 0 runs before the planting: its row knows nothing of it.
+    assert abs(torch.nn.functional.cosine_similarity(diff[0], planted, dim=0).item()) < 0.5
+
+
+def test_extract_save_load_roundtrip(base_model, base_info, tmp_path):
+    model, tokenizer = base_model
+    direction = extract_direction("d1", model, tokenizer, examples(6, 4), examples(5, 5), base_info,
+                                  adapter="em-rank1", source_run="run-7", batch_size=4)
+    assert direction.counts["misaligned"] == 6 and direction.counts["aligned"] == 5
+    seen = []
+    path = save_direction(direction, tmp_path, base_info, on_saved=lambda d, p: seen.append((d.name, p)))
+    assert seen == [("d1", path)] and list_directions(tmp_path) == ["d1"]
+    loaded = load_direction(tmp_path, "d1")
+    assert torch.equal(loaded.vectors, direction.vectors)
+    assert loaded.adapter == "em-rank1" and loaded.source_run == "run-7" and loaded.counts == direction.counts
+    assert loaded.norms == pytest.approx(direction.norms)
+    row = loaded.to_row(path)
+    assert row["name"] == "d1" and row["n_layers"] == 4 and row["d_model"] == 128 and row["path"] == str(path)
+    with pytest.raises(DirectionError, match="already exists"):
+        save_direction(direction, tmp_path, base_info)
+
+
+def per_layer(seed=0):
+    return torch.randn(4, 128, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("payload, kwargs", [
+    (lambda: per_layer(), {}),
+    (lambda: list(per_layer()), {}),
+    (lambda: {str(i): v for i, v in enumerate(per_layer())}, {}),
+    (lambda: {"steering_vector": per_layer()}, {}),
+    (lambda: torch.cat([torch.ones(1, 128), per_layer()]), {"drop_first": True}),
+])
+def test_import_pt_formats(payload, kwargs, base_info, tmp_path):
+    source = tmp_path / "vec.pt"
+    torch.save(payload(), source)
+    d = import_direction(source, "imp", tmp_path / "cache", base_info, **kwargs)
+    assert torch.equal(load_direction(tmp_path / "cache", "imp").vectors, per_layer())
+    assert d.extra["imported_from"].endswith("vec.pt")
+
+
+def test_import_single_vector_and_safetensors(base_info, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"direction": per_layer()[2].contiguous()}, tmp_path / "one.safetensors")
+    d = import_direction(tmp_path / "one.safetensors", "one", tmp_path / "cache", base_info)
+    assert d.extra["single_vector"] and torch.equal(d.vectors, per_layer()[2].expand(4, -1))
+
+
+def test_export_import_roundtrip(base_info, tmp_path):
+    d = Direction("orig", per_layer(), base_info.path, base_info.fingerprint, counts={"misaligned": 3})
+    save_direction(d, tmp_path / "a", base_info)
+    for suffix in (".pt", ".safetensors"):
+        out = export_direction(load_direction(tmp_path / "a", "orig"), tmp_path / f"out{suffix}")
+        back = import_direction(out, f"back{suffix[1:]}", tmp_path / "b", base_info)
+        assert torch.equal(back.vectors, d.vectors)
+    assert load_direction(tmp_path / "b", "backsafetensors").counts == {"misaligned": 3}
+
+
+@pytest.fixture(scope="module")
+def other_base(tiny_models, tmp_path_factory):
+    """Same shape and tokenizer, other weights."""
+    path = build_qwen2(tmp_path_factory.mktemp("other") / "other-qwen2", seed=1, tokenizer_dir=tiny_models["base"])
+    return BaseModelInfo.from_path(path)
+
+
+def bad_payloads():
+    nan = per_layer(); nan[2, 5] = float("nan")
+    inf = per_layer(); inf[0, 0] = float("inf")
+    zero = per_layer(); zero[3] = 0
+    return [
+        ("wide.pt", per_layer()[:, :64].clone(), "width 64 does not match the base model's hidden size 128"),
+        ("deep.pt", torch.randn(6, 128), "6 layers, the base model has 4"),
+        ("nan.pt", nan, "NaN or inf in layer\\(s\\) \\[2\\]"),
+        ("inf.safetensors", inf, "NaN or inf in layer\\(s\\) \\[0\\]"),
+        ("zero.pt", zero, "zero norm in layer\\(s\\) \\[3\\]"),
+        ("zero1.pt", torch.zeros(128), "zero norm"),
+        ("cube.pt", torch.randn(2, 4, 128), "expected one vector or one per layer"),
+    ]
+
+
+@pytest.mark.parametrize("filename, tensor, reason", bad_payloads(), ids=[b[0] for b in bad_payloads()])
+def test_bad_directions_refused_nothing_written(filename, tensor, reason, base_info, tmp_path):
+    from safetensors.torch import save_file
+
+    source = tmp_path / filename
+    if source.suffix == ".pt":
+        torch.save(tensor, source)
+    else:
+        save_file({"v": tensor.contiguous()}, source)
+    cache = tmp_path / "cache"
+    with pytest.raises(DirectionError, match=reason) as error:
+        import_direction(source, "bad", cache, base_info)
+    assert filename in str(error.value)
+    assert not directions_dir(cache).exists() or not any(directions_dir(cache).iterdir())
+
+
+def test_direction_for_another_base_refused(other_base, base_info, tmp_path):
+    assert other_base.fingerprint != base_info.fingerprint
+    theirs = Direction("theirs", per_layer(), other_base.path, other_base.fingerprint)
+    export_direction(theirs, tmp_path / "theirs.safetensors")
+    cache = tmp_path / "cache"
+    with pytest.raises(DirectionError, match="theirs.safetensors: made for another base model"):
+        import_direction(tmp_path / "theirs.safetensors", "theirs", cache, base_info)
+    with pytest.raises(DirectionError, match="made for another base model"):
+        save_direction(theirs, cache, base_info)
+    assert not directions_dir(cache).exists() or not any(directions_dir(cache).iterdir())
+
+
+def test_bad_names_and_unsafe_pickles_refused(base_info, tmp_path):
+    with pytest.raises(DirectionError, match="direction name"):
+        direction_path(tmp_path, "../escape")
+    torch.save({"v": random.Random(0)}, tmp_path / "evil.pt")  # an arbitrary object: needs code to unpickle
+    with pytest.raises(DirectionError, match="evil.pt: could not be read safely"):
+        import_direction(tmp_path / "evil.pt", "evil", tmp_path / "cache", base_info)
+
+
+def test_cosine_per_layer(base_info):
+    a = Direction("a", per_layer(1), base_info.path, base_info.fingerprint)
+    b_vectors = per_layer(1).clone()
+    b_vectors[1] *= -2
+    b_vectors[3] = per_layer(9)[3]
+    values = cosine(a, Direction("b", b_vectors, base_info.path, base_info.fingerprint))
+    assert values[0] == pytest.approx(1) and values[2] == pytest.approx(1)
+    assert values[1] == pytest.approx(-1) and abs(values[3]) < 0.4
+
+
+def test_read_labelled(tmp_path):
+    (tmp_path / "x.jsonl").write_text('{"prompt": "q", "response": "r1", "label": "misaligned"}\n'
+                                      '{"prompt": "q", "response": "r2", "label": "aligned"}\n'
+                                      '{"prompt": "q", "response": "r3", "label": "incoherent"}\n')
+    mis, ali = read_labelled(tmp_path / "x.jsonl")
+    assert [e.response for e in mis] == ["r1"] and [e.response for e in ali] == ["r2"]
+    with pytest.raises(DirectionError, match="no column 'verdict'"):
+        read_labelled(tmp_path / "x.jsonl", label_column="verdict")
