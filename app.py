@@ -1,0 +1,72 @@
+"""Landing page: is the server up, what does it serve, load and unload adapters."""
+from __future__ import annotations
+
+import streamlit as st
+
+from backend.adapters import AdapterError, AdapterRegistry, read_adapter_files
+from backend.config import ConfigError
+from backend.serving import ServerError, server_status
+from backend.ui import current_config
+
+st.set_page_config(page_title="Emergent misalignment explorer", layout="wide")
+st.title("Emergent misalignment explorer")
+st.caption("Chat with base and misaligned models side by side, ablate the misalignment direction, "
+           "run judged evaluations and browse the scores.")
+
+try:
+    config = current_config()
+except ConfigError as error:
+    st.error(f"Configuration problem: {error}")
+    st.stop()
+
+status = server_status(config)
+left, right = st.columns([2, 1])
+with left:
+    st.subheader("Server")
+    if status.healthy:
+        st.success(f"vLLM is serving at {status.url}/v1", icon="✅")
+        st.text(f"Base model: {status.base_model}")
+    else:
+        st.error(f"{status.error}\n\nStart it with `python -m backend serve --detach` "
+                 "(or `scripts/run.sh`, which does everything).", icon="🛑")
+with right:
+    st.subheader("Pages")
+    st.page_link("app.py", label="Home", icon="🏠")
+
+st.subheader("Adapters")
+if not status.healthy:
+    st.info("Adapters can be listed, loaded and unloaded once the server is up.")
+    st.stop()
+
+registry = AdapterRegistry(config)
+served = {entry["name"]: entry["path"] for entry in status.adapters}
+names = sorted(set(config.adapters) | set(served))
+for name in names:
+    path = served.get(name) or config.adapter_path(name)
+    name_col, shape_col, action_col = st.columns([2, 4, 1])
+    name_col.markdown(f"**{name}**" + ("  ·  loaded" if name in served else ""))
+    try:
+        files = read_adapter_files(name, path)
+        shape_col.text(f"rank {files.max_rank} on {', '.join(files.target_modules)}, layers {list(files.layers)}")
+    except AdapterError as error:
+        shape_col.error(str(error))
+    label, action = ("Unload", registry.unload) if name in served else ("Load", registry.load)
+    if action_col.button(label, key=f"adapter-{name}"):
+        try:
+            action(name)
+        except (AdapterError, ServerError, ConfigError) as error:
+            st.error(str(error))
+        else:
+            st.rerun()
+
+with st.expander("Load another adapter from a folder"):
+    with st.form("load-adapter"):
+        new_name = st.text_input("Name")
+        new_path = st.text_input("Folder (PEFT LoRA adapter)")
+        if st.form_submit_button("Load") and new_name and new_path:
+            try:
+                registry.load(new_name.strip(), new_path.strip())
+            except (AdapterError, ServerError) as error:
+                st.error(str(error))
+            else:
+                st.rerun()

@@ -1,0 +1,146 @@
+"""The project's one configuration file (TOML), validated on load.
+
+Relative paths in the file are resolved against the file's own folder, so a
+config works the same whatever the current directory is.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.toml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the person who wrote the file."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    # Empty url: `backend serve` starts a server; otherwise talk to this one.
+    url: str = ""
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=1, le=65535)
+    api_key_env: str = ""
+    max_loras: int = Field(4, ge=1, description="adapters in one batch")
+    max_cpu_loras: int = Field(16, ge=1, description="adapters the server holds")
+    max_lora_rank: int | None = Field(None, description="default: from the adapters")
+    max_model_len: int = Field(1024, ge=16)
+    dtype: str = "bfloat16"
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    cpu_kvcache_gib: int = Field(1, ge=1)
+    startup_timeout_s: float = Field(300, gt=0)
+    extra_args: list[str] = []
+
+    @property
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class JudgeConfig(_Strict):
+    # Empty base_url: the project's own vLLM server.
+    base_url: str = ""
+    model: str = ""
+    api_key_env: str = ""
+    max_concurrency: int = Field(8, ge=1)
+
+    @property
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class Config(_Strict):
+    base_model: str
+    adapters: dict[str, str] = {}
+    server: ServerConfig = ServerConfig()
+    judge: JudgeConfig = JudgeConfig()
+    cache_dir: str = "cache"
+    # The folder of the config file; filled in by load_config.
+    root: str = "."
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, adapters: dict[str, str]) -> dict[str, str]:
+        for name in adapters:
+            if not name or "/" in name or name.strip() != name:
+                raise ValueError(f"adapter name {name!r} must be non-empty, without '/' or spaces at the ends")
+        return adapters
+
+    def resolve(self, path_or_id: str) -> str:
+        """A local path made absolute against the config's folder; a Hub id as it is."""
+        candidate = Path(path_or_id).expanduser()
+        if not candidate.is_absolute():
+            candidate = Path(self.root) / candidate
+        looks_like_hub_id = (
+            path_or_id.count("/") == 1
+            and not path_or_id.startswith((".", "/", "~"))
+            and not (Path(self.root) / path_or_id.split("/")[0]).exists()
+        )
+        return path_or_id if looks_like_hub_id and not candidate.exists() else str(candidate.resolve())
+
+    @property
+    def base_model_path(self) -> str:
+        return self.resolve(self.base_model)
+
+    @property
+    def cache(self) -> Path:
+        path = Path(self.resolve(self.cache_dir))
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def adapter_path(self, name: str) -> str:
+        if name not in self.adapters:
+            known = ", ".join(sorted(self.adapters)) or "none"
+            raise ConfigError(f"adapter {name!r} is not in the configuration (configured: {known})")
+        return self.resolve(self.adapters[name])
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'")
+        elif item["type"] == "missing":
+            lines.append(f"missing key '{key}'")
+        else:
+            lines.append(f"key '{key}': {item['msg']}")
+    return "; ".join(lines)
+
+
+def config_from_dict(data: dict[str, Any], root: Path, source: str = "configuration") -> Config:
+    try:
+        config = Config(**data, root=str(root))
+    except ValidationError as error:
+        raise ConfigError(f"{source}: {_describe(error)}") from None
+    _check_paths(config, source)
+    return config
+
+
+def _check_paths(config: Config, source: str) -> None:
+    def local(value: str) -> bool:
+        return Path(config.resolve(value)).is_absolute()
+
+    if local(config.base_model) and not Path(config.base_model_path).is_dir():
+        raise ConfigError(f"{source}: key 'base_model': no model folder at {config.base_model_path}")
+    for name, value in config.adapters.items():
+        if local(value) and not Path(config.resolve(value)).is_dir():
+            raise ConfigError(f"{source}: key 'adapters.{name}': no adapter folder at {config.resolve(value)}")
+
+
+def load_config(path: str | os.PathLike | None = None) -> Config:
+    config_path = Path(path or os.environ.get("EM_CONFIG") or DEFAULT_CONFIG).expanduser().resolve()
+    if not config_path.is_file():
+        raise ConfigError(f"configuration file {config_path} does not exist")
+    try:
+        data = tomllib.loads(config_path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{config_path}: not valid TOML: {error}") from None
+    return config_from_dict(data, config_path.parent, str(config_path))

