@@ -353,6 +353,11 @@ class Store:
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r})"
 
+    @classmethod
+    def for_config(cls, config, **options) -> "Store":
+        """The project's store: `em.duckdb` in the configured cache folder (backend.config.Config)."""
+        return cls(Path(config.cache) / "em.duckdb", **options)
+
     # -------------------------------------------------------- locking and connections
 
     def _flock(self, fd: int, mode: int, deadline: float, what: str) -> None:

@@ -325,3 +325,10 @@ def test_two_writers_and_a_reader_in_separate_processes(tmp_path):
     assert store.sql("SELECT count(*) FROM judgements").rows == [(2 * 2 * N_BATCHES * BATCH,)]
     rates = dict(store.sql("SELECT run_id, em_rate FROM em_rate_turner2025").rows)
     assert rates == {"run-a": 0.5, "run-b": 0.5}
+
+
+def test_for_config_puts_the_store_in_the_cache_folder(tmp_path):
+    from backend.config import config_from_dict
+
+    config = config_from_dict({"base_model": "org/model", "cache_dir": "c"}, tmp_path)
+    assert Store.for_config(config).path == (tmp_path / "c" / "em.duckdb").resolve()
