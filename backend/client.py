@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import openai
 
@@ -101,10 +102,10 @@ class ChatClient:
     def stream(self, model: str, messages, sampling: Sampling = Sampling()) -> Iterator[str]:
         """Text deltas as they arrive; raises ServerError/ChatError with a reason."""
         try:
-            chunks = self._client.chat.completions.create(stream=True, **self._arguments(model, messages, sampling))
-            for chunk in chunks:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    yield chunk.choices[0].delta.content
+            with self._client.chat.completions.create(stream=True, **self._arguments(model, messages, sampling)) as chunks:
+                for chunk in chunks:
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        yield chunk.choices[0].delta.content
         except openai.OpenAIError as error:
             raise self._explain(model, error) from None
 
@@ -120,27 +121,44 @@ class ChatClient:
                 for choice in response.choices]
 
     def stream_many(self, requests: list[ChatRequest]) -> Iterator[tuple[int, str | Exception | None]]:
-        """Run every request at once (vLLM batches them, adapters mixed) and
-        yield (index, delta) as deltas arrive; (index, None) marks the end of
-        one stream and (index, exception) its failure, so that one broken
-        column never stops the others."""
-        events: queue.Queue = queue.Queue()
+        return stream_all([partial(self.stream, r.model, r.messages, r.sampling) for r in requests])
 
-        def worker(index: int, request: ChatRequest) -> None:
-            try:
-                for delta in self.stream(request.model, request.messages, request.sampling):
-                    events.put((index, delta))
-            except Exception as error:  # reported to the caller as that stream's result
-                events.put((index, error))
-                return
-            events.put((index, None))
 
-        threads = [threading.Thread(target=worker, args=(i, r), daemon=True) for i, r in enumerate(requests)]
-        for thread in threads:
-            thread.start()
-        finished = 0
-        while finished < len(requests):
+def stream_all(streams: list[Callable[[], Iterable[str]]]) -> Iterator[tuple[int, str | Exception | None]]:
+    """Run every stream at once (vLLM batches them, adapters mixed) and yield
+    (index, delta) as deltas arrive; (index, None) marks the end of one stream
+    and (index, exception) its failure, so that one broken column never stops
+    the others. Closing this generator (a consumer that stops, or a page
+    rerun that interrupts it) closes every stream, which aborts the requests
+    on the server."""
+    events: queue.Queue = queue.Queue()
+    cancel = threading.Event()
+
+    def worker(index: int, stream: Callable[[], Iterable[str]]) -> None:
+        deltas = iter(())
+        try:
+            deltas = iter(stream())
+            for delta in deltas:
+                if cancel.is_set():
+                    return
+                events.put((index, delta))
+        except Exception as error:  # reported to the caller as that stream's result
+            events.put((index, error))
+            return
+        finally:
+            close = getattr(deltas, "close", None)
+            if close:
+                close()
+        events.put((index, None))
+
+    for index, stream in enumerate(streams):
+        threading.Thread(target=worker, args=(index, stream), daemon=True).start()
+    finished = 0
+    try:
+        while finished < len(streams):
             index, item = events.get()
             if item is None or isinstance(item, Exception):
                 finished += 1
             yield index, item
+    finally:
+        cancel.set()

@@ -22,3 +22,30 @@ def current_config() -> Config:
     except OSError:
         mtime = 0.0
     return _load(path, mtime)
+
+
+@st.cache_resource(show_spinner=False)
+def condition_runner(config: Config):
+    """One per server process: it keeps the ablation compiler's prepared tensors warm."""
+    from backend.conditions import ConditionRunner
+    return ConditionRunner(config)
+
+
+def direction_names(config: Config) -> list[str]:
+    from backend.directions import list_directions
+    return list_directions(config.cache)
+
+
+def default_layer(config: Config) -> int:
+    """The middle layer: where the paper's single-layer direction sits, relative to depth."""
+    from backend.adapters import BaseShape
+    try:
+        return BaseShape.from_model(config.base_model_path).num_layers // 2
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+@st.cache_data(show_spinner=False)
+def example_questions(_config: Config, question_set: str = "em_core") -> list[str]:
+    from backend.questions import load_questions
+    return [question.paraphrases[0] for question in load_questions(question_set)]
