@@ -80,3 +80,18 @@ def vllm_server(tiny_models, tmp_path_factory) -> RunningServer:
         registry.load(name)
     yield RunningServer(config, tiny_models)
     stop_server(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_direction(vllm_server) -> str:
+    """A direction for the tiny model in the server's cache; random but fixed,
+    which is all that plumbing tests need."""
+    import torch
+
+    from backend.directions import BaseModelInfo, Direction, save_direction
+    base = BaseModelInfo.from_path(vllm_server.config.base_model_path)
+    vectors = torch.randn(base.n_layers, base.hidden_size, generator=torch.Generator().manual_seed(0))
+    direction = Direction("tiny-dir", vectors, base.path, base.fingerprint, adapter="em-rank1",
+                          counts={"misaligned": 1, "aligned": 1})
+    save_direction(direction, vllm_server.config.cache, base, overwrite=True)
+    return direction.name
