@@ -10,8 +10,10 @@ through a temporary file renamed into place, so a refused direction leaves
 nothing behind.
 
 Registering a direction in the DuckDB store belongs to ``backend/store.py``:
-the functions that write here accept ``on_saved(direction, path)``; the store
-passes its registrar, which can use ``Direction.to_row(path)``.
+the functions that write here accept ``on_saved(direction, path)``, and
+``store_registrar(store)`` makes that callback from a ``Store`` (fields from
+``Direction.to_record(path)``, the columns of ``store.DirectionRecord``). The
+CLI registers what it writes.
 """
 from __future__ import annotations
 
@@ -140,6 +142,14 @@ class Direction:
                 "method": self.method, "created": self.created, "norms": self.norms,
                 "n_layers": self.n_layers, "d_model": self.d_model, "extra": self.extra}
 
+    def to_record(self, path: str | Path) -> dict:
+        """Keyword arguments of ``backend.store.DirectionRecord``."""
+        return {"name": self.name, "path": str(path), "base_model": self.base_model, "adapter": self.adapter,
+                "layers": list(range(self.n_layers)), "counts": dict(self.counts),
+                "norms": {str(i): n for i, n in enumerate(self.norms)}, "source_run": self.source_run,
+                "extra": {**self.extra, "base_fingerprint": self.base_fingerprint, "method": self.method,
+                          "d_model": self.d_model, "created": self.created}}
+
     def to_row(self, path: str | Path | None = None) -> dict:
         """Flat dict for the store (lists and dicts JSON-encoded)."""
         meta = self.metadata()
@@ -149,6 +159,23 @@ class Direction:
                 "source_run": self.source_run, "created": self.created,
                 "counts_json": json.dumps(meta["counts"]), "norms_json": json.dumps(meta["norms"]),
                 "extra_json": json.dumps(self.extra)}
+
+
+def store_registrar(store) -> OnSaved:
+    """``on_saved`` callback that registers each saved direction in ``store`` (a ``backend.store.Store``)."""
+    from backend.store import DirectionRecord
+
+    def register(direction: Direction, path: Path) -> None:
+        store.add_direction(DirectionRecord(**direction.to_record(path)))
+    return register
+
+
+def _cli_registrar(config) -> OnSaved | None:
+    try:
+        from backend.store import Store
+    except ImportError:  # the store is optional for the files themselves
+        return None
+    return store_registrar(Store.for_config(config))
 
 
 def validate(vectors: torch.Tensor, base: BaseModelInfo, what: str,
@@ -439,7 +466,7 @@ def _cmd_extract(args) -> int:
     direction = extract_direction(args.name, model, tokenizer, mis, ali, base, adapter=args.adapter,
                                   source_run=args.source_run or str(Path(args.data).resolve()),
                                   batch_size=args.batch_size, pooling=args.pooling)
-    saved = save_direction(direction, config.cache, base, overwrite=args.overwrite)
+    saved = save_direction(direction, config.cache, base, overwrite=args.overwrite, on_saved=_cli_registrar(config))
     print(f"{direction.name}: {direction.counts} -> {saved} "
           f"({direction.extra['tokens_per_s']:.0f} tokens/s)")
     return 0
@@ -458,7 +485,8 @@ def _cmd_import(args) -> int:
     config = _config(args)
     base = BaseModelInfo.from_path(config.base_model_path)
     d = import_direction(args.path, args.name, config.cache, base, adapter=args.adapter,
-                         source_run=args.source_run, drop_first=args.drop_first, overwrite=args.overwrite)
+                         source_run=args.source_run, drop_first=args.drop_first, overwrite=args.overwrite,
+                         on_saved=_cli_registrar(config))
     print(f"imported {args.path} as {d.name} ({d.n_layers} x {d.d_model})")
     return 0
 

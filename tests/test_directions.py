@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,3 +212,48 @@ def test_read_labelled(tmp_path):
     assert [e.response for e in mis] == ["r1"] and [e.response for e in ali] == ["r2"]
     with pytest.raises(DirectionError, match="no column 'verdict'"):
         read_labelled(tmp_path / "x.jsonl", label_column="verdict")
+
+
+def test_cli_import_list_cosine_export_and_ablate(tiny_models, tmp_path, capsys):
+    import argparse
+    import json as _json
+
+    from backend import ablation, directions
+
+    (tmp_path / "config.toml").write_text(
+        f'base_model = "{tiny_models["base"]}"\ncache_dir = "{tmp_path / "cache"}"\n'
+        f'[adapters]\nem-rank1 = "{tiny_models["em-rank1"]}"\n')
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default=str(tmp_path / "config.toml"))
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    directions.register_cli(subparsers)
+    ablation.register_cli(subparsers)
+
+    def run(*argv) -> tuple[int, str, str]:
+        args = parser.parse_args(list(argv))
+        code = args.func(args)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    torch.save(per_layer(), tmp_path / "paper.pt")
+    torch.save(per_layer()[:, :10].clone(), tmp_path / "narrow.pt")
+    assert run("directions", "import", str(tmp_path / "paper.pt"), "--name", "paper")[0] == 0
+    code, _, err = run("directions", "import", str(tmp_path / "narrow.pt"), "--name", "narrow")
+    assert code == 2 and "narrow.pt: width 10" in err
+    assert run("directions", "export", "paper", str(tmp_path / "copy.safetensors"))[0] == 0
+    assert run("directions", "import", str(tmp_path / "copy.safetensors"), "--name", "copy")[0] == 0
+    from backend.config import load_config
+    from backend.store import Store
+    records = {r.name: r for r in Store.for_config(load_config(tmp_path / "config.toml")).directions()}
+    assert set(records) == {"paper", "copy"} and records["paper"].norms["2"] == pytest.approx(per_layer()[2].norm().item())
+    code, out, _ = run("directions", "list")
+    assert code == 0 and out.splitlines()[0].startswith("copy") and "narrow" not in out
+    code, out, _ = run("directions", "cosine", "paper", "copy", "--json")
+    assert _json.loads(out)["cosine"] == pytest.approx([1.0] * 4)
+    code, out, _ = run("ablate", "--adapter", "em-rank1", "--direction", "paper", "--layer", "2",
+                       "--strength", "0.5", "--no-load", "--json")
+    result = _json.loads(out)
+    assert code == 0 and result["served_name"] == "em-rank1-ablate-paper-L2-a0.5" and not result["loaded"]
+    assert (Path(result["path"]) / "adapter_model.safetensors").is_file()
+    code, _, err = run("ablate", "--adapter", "nope", "--direction", "paper", "--layer", "2", "--no-load")
+    assert code == 2 and "'nope' is not in the configuration" in err
