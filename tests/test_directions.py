@@ -257,3 +257,14 @@ def test_cli_import_list_cosine_export_and_ablate(tiny_models, tmp_path, capsys)
     assert (Path(result["path"]) / "adapter_model.safetensors").is_file()
     code, _, err = run("ablate", "--adapter", "nope", "--direction", "paper", "--layer", "2", "--no-load")
     assert code == 2 and "'nope' is not in the configuration" in err
+
+
+def test_adapter_activations_go_through_the_lora(tiny_models, base_model):
+    """em-rank1 has LoRA on down_proj of layers 1 and 2 only: block 0 is unchanged, later blocks move."""
+    model, tokenizer = base_model
+    em, _ = load_model(tiny_models["base"], tiny_models["em-rank1"])
+    data = examples(4, seed=8)
+    plain = answer_activation_sums(model, tokenizer, data).mean()
+    tuned = answer_activation_sums(em, tokenizer, data).mean()
+    assert torch.allclose(plain[0], tuned[0], atol=1e-5)
+    assert (plain[1] - tuned[1]).norm() > 1e-2 * plain[1].norm()
