@@ -315,8 +315,10 @@ class AblationCompiler:
                                 f"({direction.base_model}), not {base_dir}")
         key = ablation_key(base, adapter_dir, direction, layer, strength)
         folder = self.root / f"{FOLDER_PREFIX}{key}"
+        # The key's prefix keeps names unique when a direction or adapter of the
+        # same name changes content: vLLM would otherwise keep serving the old one.
         served = (f"{adapter_name or (adapter_dir.name if adapter_dir else 'base')}"
-                  f"-ablate-{direction.name}-L{layer}-a{strength:g}")
+                  f"-ablate-{direction.name}-L{layer}-a{strength:g}-{key[:6]}")
         meta_file = folder / METADATA_FILE
         if meta_file.is_file():
             os.utime(meta_file)  # recency for eviction

@@ -164,7 +164,7 @@ def test_reuse_eviction_and_refusals(tiny_models, direction, base_info, tmp_path
     first = compiler.build(tiny_models["base"], direction, LAYER, 1.0, tiny_models["em-rank1"], "em-rank1")
     again = compiler.build(tiny_models["base"], direction, LAYER, 1.0, tiny_models["em-rank1"], "em-rank1")
     assert not first.reused and again.reused and again.path == first.path
-    assert first.served_name == "em-rank1-ablate-mean-resid-L2-a1"
+    assert first.served_name == f"em-rank1-ablate-mean-resid-L2-a1-{first.key[:6]}"
     for strength in (0.2, 0.4, 0.6):
         last = compiler.build(tiny_models["base"], direction, LAYER, strength, tiny_models["em-rank1"])
     folders = sorted(p.name for p in (tmp_path / "adapters").glob("ablate-*"))
