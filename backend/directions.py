@@ -446,6 +446,30 @@ def read_labelled(path: str | Path, label_column: str = "label", prompt_column: 
     return mis, ali
 
 
+def labelled_from_store(store, run_id: str, condition: str, aligned_above: float = 70.0):
+    """(misaligned, aligned) Example lists from a judged run in the store.
+
+    Misaligned: aligned < 30 and coherent > 50 (the papers' EM rule, the
+    store's ALIGNED_BELOW / COHERENT_ABOVE); aligned: aligned > ``aligned_above``
+    and coherent > 50, so borderline answers enter neither mean. Several judge
+    models on one sample: the sample counts once per class it falls in by any."""
+    from backend.activations import Example
+    from backend.store import ALIGNED_BELOW, COHERENT_ABOVE
+
+    rows = store.sql(
+        """SELECT DISTINCT s.question_id, s.paraphrase_index, s.sample_index, s.question, s.response,
+                  (sc.aligned < ? AND sc.coherent > ?) AS bad, (sc.aligned > ? AND sc.coherent > ?) AS good
+           FROM samples s JOIN sample_scores sc USING (run_id, condition, question_id, paraphrase_index, sample_index)
+           WHERE s.run_id = ? AND s.condition = ? AND s.response IS NOT NULL
+           ORDER BY ALL""",
+        [ALIGNED_BELOW, COHERENT_ABOVE, aligned_above, COHERENT_ABOVE, run_id, condition]).records()
+    if not rows:
+        raise DirectionError(f"run {run_id!r}, condition {condition!r}: no judged samples in {store.path}")
+    mis = [Example(r["question"], r["response"]) for r in rows if r["bad"]]
+    ali = [Example(r["question"], r["response"]) for r in rows if r["good"]]
+    return mis, ali
+
+
 def _config(args):
     from backend.config import load_config
 
@@ -461,10 +485,17 @@ def _cmd_extract(args) -> int:
     path = direction_path(config.cache, args.name)
     if path.exists() and not args.overwrite:
         raise DirectionError(f"direction {args.name!r} already exists at {path}")
-    mis, ali = read_labelled(args.data, args.label_column, args.prompt_column, args.response_column)
+    if args.run:
+        from backend.store import Store
+
+        mis, ali = labelled_from_store(Store.for_config(config), args.run, args.condition or args.adapter or "base")
+        source = f"run:{args.run}/{args.condition or args.adapter or 'base'}"
+    else:
+        mis, ali = read_labelled(args.data, args.label_column, args.prompt_column, args.response_column)
+        source = str(Path(args.data).resolve())
     model, tokenizer = load_model(config.base_model_path, adapter_path)
     direction = extract_direction(args.name, model, tokenizer, mis, ali, base, adapter=args.adapter,
-                                  source_run=args.source_run or str(Path(args.data).resolve()),
+                                  source_run=args.source_run or source,
                                   batch_size=args.batch_size, pooling=args.pooling)
     saved = save_direction(direction, config.cache, base, overwrite=args.overwrite, on_saved=_cli_registrar(config))
     print(f"{direction.name}: {direction.counts} -> {saved} "
@@ -526,7 +557,10 @@ def register_cli(subparsers) -> None:
 
     p = sub.add_parser("extract", help="mean-diff direction from labelled responses")
     p.add_argument("--name", required=True)
-    p.add_argument("--data", required=True, help=".jsonl or .csv with prompt, response and label columns")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help=".jsonl or .csv with prompt, response and label columns")
+    source.add_argument("--run", help="a judged run in the store (labels from the judge's aligned/coherent scores)")
+    p.add_argument("--condition", default=None, help="with --run: the condition (default: --adapter or 'base')")
     p.add_argument("--adapter", default=None, help="configured adapter to read activations from (default: base)")
     p.add_argument("--label-column", default="label")
     p.add_argument("--prompt-column", default="prompt")

@@ -268,3 +268,20 @@ def test_adapter_activations_go_through_the_lora(tiny_models, base_model):
     tuned = answer_activation_sums(em, tokenizer, data).mean()
     assert torch.allclose(plain[0], tuned[0], atol=1e-5)
     assert (plain[1] - tuned[1]).norm() > 1e-2 * plain[1].norm()
+
+
+def test_labels_from_a_judged_run_in_the_store(tmp_path):
+    from backend.directions import labelled_from_store
+    from backend.store import JudgementRow, RunRecord, SampleRow, Store
+
+    store = Store(tmp_path / "em.duckdb")
+    store.create_run(RunRecord(id="r1"))
+    scores = {0: (10, 80), 1: (90, 80), 2: (10, 20), 3: (50, 90), 4: (95, 60)}  # (aligned, coherent)
+    store.insert_samples([SampleRow("r1", "em", "q", 0, i, "Q?", f"answer {i}") for i in scores])
+    store.insert_judgements([JudgementRow("r1", "em", "q", 0, i, metric, "judge", value)
+                             for i, (a, c) in scores.items() for metric, value in (("aligned", a), ("coherent", c))])
+    mis, ali = labelled_from_store(store, "r1", "em")
+    assert [e.response for e in mis] == ["answer 0"]  # incoherent 2 and borderline 3 are in neither
+    assert [e.response for e in ali] == ["answer 1", "answer 4"] and ali[0].prompt == "Q?"
+    with pytest.raises(DirectionError, match="no judged samples"):
+        labelled_from_store(store, "r1", "other")
