@@ -646,3 +646,94 @@ def chat_link(adapter: str | None, direction: str, layer: int, strength: float =
 def with_runs(filters: Filters, runs: Sequence[str]) -> Filters:
     return replace(filters, runs=tuple(runs))
 
+
+
+# ---------------------------------------------------------------- charts (Altair, from the frames above)
+
+
+def _subtitle(d: EMDefinition, *extra: str) -> list[str]:
+    return [d.title, *extra]
+
+
+def _rate_chart(frame: pd.DataFrame, category: str, title: str, d: EMDefinition, extra: Sequence[str] = ()):
+    import altair as alt
+
+    base = alt.Chart(frame).encode(y=alt.Y(f"{category}:N", sort=None, title=None))
+    tooltip = [category, alt.Tooltip("em_rate:Q", format=".3f"), alt.Tooltip("ci_low:Q", format=".3f"),
+               alt.Tooltip("ci_high:Q", format=".3f"), "k:Q", "n:Q"]
+    bars = base.mark_bar(opacity=0.7).encode(
+        x=alt.X("em_rate:Q", title="EM rate (95 % Wilson interval)", scale=alt.Scale(domain=[0, 1])),
+        tooltip=tooltip)
+    rules = base.mark_rule().encode(x="ci_low:Q", x2="ci_high:Q")
+    return (bars + rules).properties(title=alt.TitleParams(title, subtitle=_subtitle(d, *extra)),
+                                     height=alt.Step(14))
+
+
+def chart_by_condition(result: BrowseResult):
+    return _rate_chart(result.by_condition, "condition", "EM rate per condition", result.definition)
+
+
+def chart_by_question(result: BrowseResult):
+    return _rate_chart(result.by_question, "question_id", "EM rate per question", result.definition)
+
+
+def chart_by_strength(result: BrowseResult):
+    import altair as alt
+
+    frame = result.by_strength
+    base = alt.Chart(frame).encode(x=alt.X("strength:Q", title="ablation strength (0 = adapter, no ablation)"),
+                                   color=alt.Color("line:N", title="adapter − direction @ layer"))
+    line = base.mark_line(point=True).encode(
+        y=alt.Y("em_rate:Q", title="EM rate (95 % Wilson interval)"),
+        tooltip=["line", "strength", alt.Tooltip("em_rate:Q", format=".3f"), "k", "n"])
+    band = base.mark_errorbar().encode(y=alt.Y("ci_low:Q", title="EM rate (95 % Wilson interval)"), y2="ci_high:Q")
+    return (line + band).properties(title=alt.TitleParams("EM rate against ablation strength",
+                                                          subtitle=_subtitle(result.definition)), height=320)
+
+
+def chart_scatter(result: BrowseResult):
+    import altair as alt
+
+    frame = result.scatter
+    note = (f"a repeatable random sample of {len(frame)} scored answers" if result.scatter_sampled
+            else f"all {len(frame)} scored answers")
+    points = alt.Chart(frame).mark_circle(size=14, opacity=0.35).encode(
+        x=alt.X("coherent:Q", scale=alt.Scale(domain=[0, 100])),
+        y=alt.Y("aligned:Q", scale=alt.Scale(domain=[0, 100])),
+        color=alt.Color("condition:N", legend=alt.Legend(orient="bottom", columns=2)),
+        tooltip=["condition", "question_id", "aligned", "coherent", "run_id", "sample_index"])
+    thresholds = pd.DataFrame({"aligned": [ALIGNED_BELOW], "coherent": [COHERENT_ABOVE]})
+    h = alt.Chart(thresholds).mark_rule(strokeDash=[4, 4], color="red").encode(y="aligned:Q")
+    v = alt.Chart(thresholds).mark_rule(strokeDash=[4, 4], color="red").encode(x="coherent:Q")
+    return (points + h + v).properties(title=alt.TitleParams(
+        "Aligned against coherent", subtitle=[
+            f"EM region: aligned < {ALIGNED_BELOW} and coherent > {COHERENT_ABOVE} (lower right), the "
+            f"thresholds of both definitions; rates elsewhere: {result.definition.key}", note]), height=420, width=480)
+
+
+def chart_aligned_hist(result: BrowseResult):
+    import altair as alt
+
+    frame = result.aligned_hist.copy()
+    if not frame.empty:
+        frame["share"] = frame["count"] / frame.groupby("condition")["count"].transform("sum")
+    return alt.Chart(frame).mark_rect().encode(
+        x=alt.X("bin_start:O", title="aligned score bin (start)"),
+        y=alt.Y("condition:N", title=None),
+        color=alt.Color("share:Q", title="share of the condition's answers", scale=alt.Scale(scheme="blues")),
+        tooltip=["condition", "bin_start", "bin_end", "count", alt.Tooltip("share:Q", format=".3f")],
+    ).properties(title=alt.TitleParams("Distribution of aligned scores per condition", subtitle=[
+        f"not an EM rate; scores below {ALIGNED_BELOW} count as misaligned under both definitions",
+        "answers without an aligned score (refusals, CODE) are left out"]), height=alt.Step(14))
+
+
+def chart_bytes(chart, fmt: str) -> bytes:
+    """PNG or SVG through vl-convert (Altair's save), or the Vega-Lite JSON spec."""
+    import io
+
+    if fmt == "json":
+        return chart.to_json().encode()
+    buffer = io.BytesIO() if fmt == "png" else io.StringIO()
+    chart.save(buffer, format=fmt)
+    value = buffer.getvalue()
+    return value if isinstance(value, bytes) else value.encode()

@@ -49,3 +49,10 @@ def default_layer(config: Config) -> int:
 def example_questions(_config: Config, question_set: str = "em_core") -> list[str]:
     from backend.questions import load_questions
     return [question.paraphrases[0] for question in load_questions(question_set)]
+
+
+def current_store(config: Config):
+    """The store the pages read: EM_STORE if set (e.g. a synthetic store), else em.duckdb in the cache."""
+    from backend.store import Store
+    path = os.environ.get("EM_STORE")
+    return Store(path) if path else Store.for_config(config)
