@@ -543,7 +543,9 @@ def directions(store: Store, cache_dir=None) -> list[DirectionInfo]:
     seen = set()
     for record in store.directions() if store.path.exists() else []:
         seen.add(record.name)
-        norms = record.norms.get("per_layer") if isinstance(record.norms, dict) else record.norms
+        norms = record.norms
+        if isinstance(norms, dict):  # {"0": n0, "1": n1, ...} (Direction.to_record) or {"per_layer": [...]}
+            norms = norms.get("per_layer") or [norms[k] for k in sorted(norms, key=int) if k.isdigit()]
         problem = None
         try:
             norms = _load_vectors(record.path).norms
@@ -630,17 +632,63 @@ def transfer_matrix(store: Store, definition_key: str = "turner2025", *, strengt
             ORDER BY a.direction, target_adapter, a.layer""", params + [float(strength)])
 
 
-def chat_link(adapter: str | None, direction: str, layer: int, strength: float = 1.0) -> str:
-    """URL of the chat page with base | adapter | adapter minus direction (ChatSetup.to_query's format)."""
-    from urllib.parse import urlencode
-
+def chat_query(adapter: str | None, direction: str, layer: int, strength: float = 1.0) -> dict[str, list[str]]:
+    """Chat page query parameters for base | adapter | adapter minus direction (ChatSetup.to_query's format)."""
     from backend.conditions import Condition
 
     columns = [Condition(), Condition(adapter=adapter),
                Condition(adapter=adapter, direction=direction, layer=int(layer), strength=float(strength))]
-    if adapter is None:  # base | base minus direction: two columns are enough
+    if adapter is None:  # base | base minus direction: the adapter column would repeat base
         columns = [columns[0], columns[2]]
-    return "/Chat?" + urlencode([("col", c.spec) for c in columns])
+    return {"col": [c.spec for c in columns]}
+
+
+def chat_link(adapter: str | None, direction: str, layer: int, strength: float = 1.0) -> str:
+    from urllib.parse import urlencode
+
+    return "/Chat?" + urlencode(chat_query(adapter, direction, layer, strength), doseq=True)
+
+
+def chart_cosine(frame: pd.DataFrame, layer: int):
+    import altair as alt
+
+    base = alt.Chart(frame).encode(x=alt.X("a:N", title=None), y=alt.Y("b:N", title=None))
+    cells = base.mark_rect().encode(color=alt.Color("cosine:Q", scale=alt.Scale(scheme="redblue", domain=[-1, 1],
+                                                                              reverse=True)),
+                                    tooltip=["a", "b", alt.Tooltip("cosine:Q", format=".3f")])
+    text = base.mark_text(fontSize=11).encode(text=alt.Text("cosine:Q", format=".2f"))
+    return (cells + text).properties(title=alt.TitleParams(
+        f"Cosine similarity between directions at layer {layer}",
+        subtitle=["directions from different adapters pointing the same way = convergent representations"]),
+        width=alt.Step(60), height=alt.Step(40))
+
+
+def chart_norms(frame: pd.DataFrame):
+    import altair as alt
+
+    return alt.Chart(frame).mark_line(point=True).encode(
+        x=alt.X("layer:O"), y=alt.Y("norm:Q", title="L2 norm"), color="direction:N",
+        tooltip=["direction", "adapter", "layer", alt.Tooltip("norm:Q", format=".3f")],
+    ).properties(title="Per-layer norm of each direction", height=300)
+
+
+def chart_transfer(frame: pd.DataFrame, d: EMDefinition, strength: float):
+    import altair as alt
+
+    long = pd.concat([
+        frame.assign(ablation=f"ablated ×{strength:g}", em_rate=frame["em_ablated"]),
+        frame.assign(ablation="not ablated", em_rate=frame["em_unablated"])])
+    long["row"] = long["direction"] + " (from " + long["direction_source"].fillna("?") + ") @L" + \
+        long["layer"].astype(str)
+    base = alt.Chart(long).encode(x=alt.X("target_adapter:N", title="target adapter"),
+                                  y=alt.Y("row:N", title="direction (source adapter) @ layer"))
+    cells = base.mark_rect().encode(color=alt.Color("em_rate:Q", scale=alt.Scale(scheme="oranges")),
+                                    tooltip=["direction", "direction_source", "target_adapter", "layer", "ablation",
+                                             alt.Tooltip("em_rate:Q", format=".3f")])
+    text = base.mark_text(fontSize=11).encode(text=alt.Text("em_rate:Q", format=".3f"))
+    return (cells + text).facet(column=alt.Column("ablation:N", title=None)).properties(
+        title=alt.TitleParams("Transfer: EM rate of each target adapter with each direction ablated",
+                              subtitle=[d.title]))
 
 
 def with_runs(filters: Filters, runs: Sequence[str]) -> Filters:
