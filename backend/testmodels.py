@@ -134,7 +134,7 @@ def build_qwen2(out_dir: Path, shape: ModelShape = ModelShape(), seed: int = 0, 
         bos_token_id=None,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id,
-        torch_dtype="float32",
+        dtype="float32",
     )
     model = Qwen2ForCausalLM(config)
     model.generation_config.eos_token_id = config.eos_token_id
@@ -152,7 +152,7 @@ def build_lora(base_dir: Path, out_dir: Path, rank: int, target_modules: list[st
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     lora_config = LoraConfig(
         r=rank,
         lora_alpha=lora_alpha if lora_alpha is not None else rank,

@@ -205,8 +205,12 @@ if prompt:
 def redraw(job: chat.Job) -> None:
     slot = placeholders.get((job.column, len(state.histories[job.column]) - 1, job.sample))
     answer = job.turn.answers[job.sample]
-    if slot is not None:
-        slot.error(answer.error) if answer.error else slot.text(answer.text or "…")
+    if slot is None:
+        return
+    if answer.error:
+        slot.error(answer.error)
+    else:
+        slot.text(answer.text or "…")
 
 
 chat.run(jobs, redraw)

@@ -1,0 +1,90 @@
+"""End to end in a real headless browser (Debian's chromium, driven by Playwright):
+type a prompt, see three columns fill, move the slider, see the ablated column change."""
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import ARTIFACTS, free_port
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed "
+                                "(scripts/test.sh installs it)")
+
+
+@pytest.fixture(scope="module")
+def dashboard(vllm_server, tiny_direction):
+    port = free_port()
+    env = dict(os.environ, EM_CONFIG=str(Path(vllm_server.config.root) / "config.toml"))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
+         "--browser.gatherUsageStats", "false"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/_stcore/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    yield url
+    process.terminate()
+    process.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield browser
+        browser.close()
+
+
+def assistant_texts(page) -> list[str]:
+    return page.locator('[data-testid="stChatMessage"]:has([data-testid="stChatMessageAvatarAssistant"]) '
+                        '[data-testid="stText"]').all_inner_texts()
+
+
+def wait_for(predicate, timeout_s: float = 120, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_chat_three_columns_and_the_live_slider(dashboard, browser):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    query = ("col=base&col=adapter%3Dem-rank1&col=adapter%3Dem-rank1%2Cdirection%3Dtiny-dir%2Clayer%3D2%2C"
+             "strength%3D1&seed=5&max=24&t=1")
+    page.goto(f"{dashboard}/Chat?{query}")
+    page.get_by_placeholder("Ask every column").fill("What should I do with my savings?")
+    page.keyboard.press("Enter")
+    texts = wait_for(lambda: (t := assistant_texts(page)) and len(t) == 3 and all(x not in ("", "…") for x in t)
+                     and page.locator('[data-testid="stStatusWidget"]').count() == 0 and t,
+                     what="three answers")
+    page.screenshot(path=str(ARTIFACTS / "chat-three-columns.png"), full_page=True)
+
+    slider = page.get_by_role("slider", name="ablation strength")
+    slider.focus()
+    for _ in range(4):  # 1.0 -> 0.8
+        page.keyboard.press("ArrowLeft")
+    changed = wait_for(lambda: (t := assistant_texts(page)) and len(t) == 3 and t[2] != texts[2]
+                       and t[2] not in ("", "…") and page.locator('[data-testid="stStatusWidget"]').count() == 0
+                       and t, what="the ablated column to change")
+    assert changed[:2] == texts[:2]
+    assert "strength%3D0.8" in page.url
+    page.screenshot(path=str(ARTIFACTS / "chat-after-slider.png"), full_page=True)
