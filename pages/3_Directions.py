@@ -82,10 +82,19 @@ else:
 st.subheader("Chat with a direction ablated")
 names = [i.name for i in infos]
 c1, c2, c3, c4 = st.columns(4)
-direction = c1.selectbox("direction", names, key="dir_chat_direction")
-source = next(i for i in infos if i.name == direction)
-adapters = sorted(set(config.adapters) | {a for a in options.adapters if a != browse.BASE})
+adapters = sorted(set(config.adapters) | {a for a in options.adapters if a != browse.BASE}
+                  | {i.adapter for i in infos if i.adapter})
 adapter_choices = [browse.BASE] + adapters
+
+
+def follow_direction() -> None:
+    """A newly picked direction brings its own adapter: the natural 'adapter minus its direction' column."""
+    picked = next(i for i in infos if i.name == st.session_state.dir_chat_direction)
+    st.session_state.dir_chat_adapter = picked.adapter if picked.adapter in adapter_choices else browse.BASE
+
+
+direction = c1.selectbox("direction", names, key="dir_chat_direction", on_change=follow_direction)
+source = next(i for i in infos if i.name == direction)
 adapter = c2.selectbox("adapter", adapter_choices, key="dir_chat_adapter",
                        index=adapter_choices.index(source.adapter) if source.adapter in adapter_choices else 0)
 chat_layer = c3.number_input("layer", 0, max(n_layers - 1, 0), layer, key="dir_chat_layer")
