@@ -71,9 +71,11 @@ def write_config(folder: Path, base: Path, adapters: dict[str, Path], port: int,
 @pytest.fixture(scope="session")
 def vllm_server(tiny_models, tmp_path_factory) -> RunningServer:
     """One real vLLM (CPU build) per test session, serving the tiny base model
-    with the two test adapters loaded."""
+    with the two test adapters loaded. In float32, so that equivalence checks
+    against transformers test our code and not bf16 rounding."""
     adapters = {name: path for name, path in tiny_models.items() if name != "base"}
-    config = write_config(tmp_path_factory.mktemp("server"), tiny_models["base"], adapters, free_port())
+    config = write_config(tmp_path_factory.mktemp("server"), tiny_models["base"], adapters, free_port(),
+                          dtype="float32")
     start_server(config)
     registry = AdapterRegistry(config)
     for name in adapters:

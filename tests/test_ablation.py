@@ -193,36 +193,18 @@ def test_embedding_gap_is_measured_and_stored(tiny_models, direction, prompt_ids
 # ---------------------------------------------------------------------------
 # Served by vLLM
 #
-# The equivalence is checked on a float32 server: on the shared bf16 server
-# (fixture vllm_server) bf16 rounding alone moves this 32-token prompt's
-# logprobs by 0.036 (base), 0.058 (em-rank1) and 1.19 (em-rank8, whose random
-# all-module adapter dominates the weights) against float32 transformers, with
-# no ablation at all, so a 0.02 bound there would test bf16, not the
-# compilation. In float32 the compiled adapters match the hooks to ~1e-5.
+# The equivalence is checked on a float32 server (the shared test server is
+# one): in bf16, rounding alone moves this 32-token prompt's logprobs by 0.036
+# (base), 0.058 (em-rank1) and 1.19 (em-rank8, whose random all-module adapter
+# dominates the weights) against float32 transformers, with no ablation at
+# all, so a 0.02 bound there would test bf16, not the compilation. In float32
+# the compiled adapters match the hooks to ~1e-5.
 # ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def vllm_server_fp32(tiny_models, tmp_path_factory):
-    """A float32 vLLM server of the tiny base (CPU: about a minute to start)."""
-    import socket
-    from types import SimpleNamespace
-
-    from backend.adapters import AdapterRegistry
-    from backend.config import config_from_dict
-    from backend.serving import server_url, start_server, stop_server
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    folder = tmp_path_factory.mktemp("server-fp32")
-    config = config_from_dict({"base_model": str(tiny_models["base"]), "cache_dir": str(folder / "cache"),
-                               "server": {"port": port, "max_model_len": 512, "dtype": "float32",
-                                          "max_lora_rank": 16}}, folder)
-    start_server(config)
-    try:
-        yield SimpleNamespace(base_url=server_url(config), registry=AdapterRegistry(config), config=config)
-    finally:
-        stop_server(config)
+def vllm_server_fp32(vllm_server):
+    assert vllm_server.config.server.dtype == "float32"
+    return vllm_server
 
 
 def served_prompt_logprobs(server, model: str, ids: list[int]) -> torch.Tensor:
