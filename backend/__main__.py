@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from backend.adapters import AdapterError, AdapterRegistry
+from backend.cli_eval import register_cli as register_eval_cli
 from backend.client import ChatClient, ChatError, Sampling
 from backend.config import ConfigError, load_config
 from backend.serving import ServerError, server_status, start_server, stop_server
@@ -139,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     testmodels = commands.add_parser("testmodels", parents=[common], help="build the small random test models")
     testmodels.add_argument("--out", default="cache/models")
     testmodels.set_defaults(func=cmd_testmodels)
+    register_eval_cli(commands, [common])
     return parser
 
 
