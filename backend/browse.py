@@ -287,8 +287,8 @@ _SAMPLES_JOIN = ("JOIN samples s ON s.run_id = sc.run_id AND s.condition = sc.co
                  "s.sample_index = sc.sample_index")
 
 
-def _filtered_view(con, filters: "Filters") -> None:
-    """TEMP VIEW f: the filtered rows of sample_score_rows (judged on both metrics).
+def _filtered_view(con, filters: "Filters") -> str:
+    """TEMP VIEW (or TABLE, returned) f: the filtered rows of sample_score_rows (judged on both metrics).
 
     Condition attributes (adapter, direction, layer, strength) are resolved on the small
     `conditions` table into a set of (run, condition) pairs first. Filters on the samples
@@ -304,29 +304,34 @@ def _filtered_view(con, filters: "Filters") -> None:
         clauses.append("(sc.run_id, sc.condition) IN (SELECT run_id, condition FROM cond_ok)")
     if filters.needs_samples:
         # Joining a million score rows with a million samples on the five-column key costs
-        # ~0.7 s; a semi-join against a small key set costs ~0.2 s. So materialise whichever
-        # side of the samples predicate is smaller (e.g. finish_reason = 'stop' keeps 95 %:
-        # store the 5 % it drops) and keep, or drop, those keys.
+        # ~0.7 s, and a view would redo it for every chart. With few matches (a text search,
+        # a rare finish reason) f becomes a small temp table, filled by one semi-join against
+        # the matching keys. With many matches (finish_reason = 'stop' keeps 95 %), the 5 %
+        # it drops are stored instead and f stays a view that excludes them.
         sample_sql, sample_params = filters.where(("s",))
         match = f"coalesce({sample_sql}, FALSE)"
         exclude = False
         if not filters.search.strip():
-            # Counting reads only the finish_reason column; with a text search, the matches
-            # are usually few and counting them would scan every answer twice.
+            # Counting reads only the finish_reason column; with a text search the matches are
+            # usually few, and counting them would scan every answer twice.
             hits, total = con.execute(f"SELECT count(*) FILTER (WHERE {match}), count(*) FROM samples s",
                                       sample_params).fetchone()
             exclude = hits > total - hits
-        con.execute(f"CREATE TEMP TABLE keep AS SELECT {', '.join(KEY)} FROM samples s "
-                    f"WHERE {'NOT ' if exclude else ''}{match}", sample_params)
-        clauses.append(f"({', '.join('sc.' + k for k in KEY)}) {'NOT IN' if exclude else 'IN'} "
-                       f"(SELECT {', '.join(KEY)} FROM keep)")
+        keys = ", ".join(KEY)
+        if not exclude:
+            con.execute(f"CREATE TEMP TABLE f AS SELECT sc.* FROM sample_score_rows sc WHERE {' AND '.join(clauses)} "
+                        f"AND ({', '.join('sc.' + k for k in KEY)}) IN (SELECT {keys} FROM samples s WHERE {match})",
+                        row_params + sample_params)
+            return "TABLE"
+        con.execute(f"CREATE TEMP TABLE keep AS SELECT {keys} FROM samples s WHERE NOT {match}", sample_params)
+        clauses.append(f"({', '.join('sc.' + k for k in KEY)}) NOT IN (SELECT {keys} FROM keep)")
     # A view cannot take parameters: inline them as quoted literals (values never pass
     # through the split, only the SQL we wrote).
     pieces = f"CREATE TEMP VIEW f AS SELECT sc.* FROM sample_score_rows sc WHERE {' AND '.join(clauses)}".split("?")
     assert len(pieces) == len(row_params) + 1, "a '?' in the SQL that is not a parameter"
     con.execute("".join(piece + (_literal(v) if i < len(row_params) else "")
                         for i, (piece, v) in enumerate(zip(pieces, row_params + [None]))))
-
+    return "VIEW"
 
 def _literal(value: Any) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -352,8 +357,9 @@ def browse(store: Store, filters: Filters, definition_key: str = "turner2025", *
     rate = _rate_columns(d)
     sums = _rate_from_sums()
     with store.read() as con:
+        f_kind = "VIEW"
         try:
-            _filtered_view(con, filters)
+            f_kind = _filtered_view(con, filters)
             # Per (run, condition) counts: small, and everything keyed by condition attributes
             # (totals, per condition, per strength) is summed from it after joining `conditions`,
             # so the wide join never touches the million score rows.
@@ -419,7 +425,7 @@ def browse(store: Store, filters: Filters, definition_key: str = "turner2025", *
             raise StoreError(f"{store.path}: browsing with {filters}: {error}") from None
         finally:
             # The connection closes right after; dropping keeps a reused connection clean.
-            for kind, name in (("TABLE", "per_condition"), ("VIEW", "f"), ("TABLE", "keep"), ("TABLE", "cond_ok")):
+            for kind, name in (("TABLE", "per_condition"), (f_kind, "f"), ("TABLE", "keep"), ("TABLE", "cond_ok")):
                 con.execute(f"DROP {kind} IF EXISTS {name}")
     return BrowseResult(d, filters, totals.iloc[0].to_dict(), table, by_condition, by_strength, by_question,
                         scatter, aligned_hist, sampled, time.perf_counter() - start)
