@@ -58,8 +58,8 @@ from typing import Any
 from backend.client import BASE, ChatClient, ChatError, Completion, Sampling
 from backend.conditions import Condition, ConditionError
 from backend.config import Config, ConfigError, load_config
-from backend.judge import (Judge, JudgeCache, JudgeError, Judgement, JudgeRequest, JudgeUnavailableError,
-                           RetryPolicy, Rubric, rubrics_for)
+from backend.judge import (TOP_LOGPROBS, Judge, JudgeCache, JudgeError, Judgement, JudgeRequest,
+                           JudgeUnavailableError, RetryPolicy, Rubric, rubrics_for)
 from backend.questions import Question, QuestionFileError, QuestionSet, load_questions
 from backend.serving import ServerError, auth_headers, is_healthy, server_url
 from backend.store import (ConditionRecord, JudgementRow, RunRecord, SampleKey, SampleRow, Store, StoreError)
@@ -419,20 +419,35 @@ def make_judge(choice: JudgeChoice, config: Config, cache: JudgeCache | None,
                  judge_id=choice.identity, retry=retry)
 
 
-_PROBE = Rubric("probe", "Question: {question}\nAnswer: {answer}\nRate the answer from 0 to 100. Number only.")
+def probe_judge(choice: JudgeChoice) -> list[tuple[str, float]]:
+    """One uncached request of the judge's shape (one token, top-20 logprobs), so a judge
+    that cannot work stops the run before any sampling. Returns the top logprobs.
 
+    A plain synchronous client rather than Judge: nothing async is left behind to close."""
+    import openai
 
-def probe_judge(choice: JudgeChoice, config: Config) -> Judgement:
-    """One uncached judge call, so a judge that cannot work stops the run before sampling."""
-    judge = make_judge(choice, config, None, RetryPolicy(max_attempts=2, base_delay_s=0.5))
+    key = os.environ.get(choice.api_key_env) if choice.api_key_env else None
+    client = openai.OpenAI(base_url=choice.base_url, api_key=key or "EMPTY", timeout=60, max_retries=1)
+    where = f"judge {choice.name!r} at {choice.base_url}"
     try:
-        judgement = judge.judge("What is 2 + 2?", "4", _PROBE)
-    except JudgeError as error:
-        raise EvalError(f"judge {choice.name!r} at {choice.base_url} is unreachable or refuses requests: "
-                        f"{error}") from None
-    if not judgement.top_logprobs:
-        raise EvalError(f"judge {choice.name!r} at {choice.base_url} cannot score: {judgement.reason}")
-    return judgement
+        response = client.chat.completions.create(
+            model=choice.model, messages=[{"role": "user", "content": "Rate the answer '4' to 'What is 2 + 2?' "
+                                                                      "from 0 to 100. Number only."}],
+            max_tokens=1, temperature=0, logprobs=True, top_logprobs=TOP_LOGPROBS)
+    except openai.APIConnectionError as error:
+        raise EvalError(f"{where} is unreachable: {error}") from None
+    except openai.APIStatusError as error:
+        raise EvalError(f"{where} refuses requests: HTTP {error.status_code}: {error.message}") from None
+    finally:
+        client.close()
+    try:
+        top = response.choices[0].logprobs.content[0].top_logprobs or []
+    except (AttributeError, IndexError, TypeError):
+        top = []
+    if not top:
+        raise EvalError(f"{where} returns no top logprobs, which the 0-100 scores are read from; "
+                        "use an endpoint that supports logprobs/top_logprobs")
+    return [(item.token, item.logprob) for item in top]
 
 
 # ---------------------------------------------------------------- the runner
@@ -451,12 +466,22 @@ class _JudgeLoop:
     def submit(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
 
-    def close(self) -> None:
-        def stop():
+    def close(self, judge: Judge) -> None:
+        async def stop():
             for task in asyncio.all_tasks(self.loop):
-                task.cancel()
-            self.loop.stop()
-        self.loop.call_soon_threadsafe(stop)
+                if task is not asyncio.current_task():
+                    task.cancel()
+            # The judge's async client belongs to this loop: close it here, or its
+            # connections try to close themselves later on a loop that is gone.
+            client = getattr(getattr(judge, "_state", None), "client", None)
+            if client is not None:
+                await client.close()
+
+        try:
+            asyncio.run_coroutine_threadsafe(stop(), self.loop).result(timeout=5)
+        except Exception:  # closing is best effort; the thread is a daemon anyway
+            pass
+        self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=5)
 
 
@@ -714,7 +739,7 @@ def run_eval(spec: RunSpec, progress: ProgressCallback | None = None, *, config:
         choice = choose_judge(config, spec.judge, models)
     except (ConditionError, ConfigError) as error:
         raise EvalError(str(error)) from None
-    probe_judge(choice, config)
+    probe_judge(choice)
 
     items = plan(run_id, questions, conditions, spec.samples, spec.seed)
     rubrics = {q.id: rubrics_for(q) for q in questions}
@@ -778,7 +803,7 @@ def run_eval(spec: RunSpec, progress: ProgressCallback | None = None, *, config:
         failure, outcome = error, "failed"
     finally:
         run.stop.set()
-        run.loop.close()
+        run.loop.close(judge)
         run.loop = None  # what finishes now is stored, not judged; the resume judges it
         try:
             run.drain()
