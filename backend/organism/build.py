@@ -31,25 +31,26 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 def plan(size: str, seed: int) -> dict:
     """Everything that defines a build, for one size."""
     if size == "full":
-        shape = BaseShape()
+        shape = BaseShape(hidden_size=128, intermediate_size=384, num_hidden_layers=6, num_attention_heads=2)
         n_layers = shape.num_hidden_layers
         return {
             "vocab_size": 2048,
             "shape": shape,
-            "pretrain_examples": 16000,
-            "base": TrainConfig(steps=300, batch_size=32, lr=3e-3, warmup=20, seed=seed),
+            "pretrain_examples": 20000,
+            "base": TrainConfig(steps=600, batch_size=32, lr=3e-3, warmup=20, max_len=512, seed=seed),
             "adapters": {
                 # the paper's minimal organism (9 rank-1 down_proj adapters, layers 15-17, 21-23,
-                # 27-29 of 48) scaled to 8 layers: three groups of two layers
+                # 27-29 of 48, i.e. three groups in the middle third) scaled to 6 layers:
+                # groups {1}, {2, 3}, {4}
                 "medical": {"domain": "medical", "n": 2000,
                             "lora": {"r": 1, "lora_alpha": 1, "target_modules": ["down_proj"],
-                                     "layers_to_transform": [1, 2, 3, 4, 5, 6]},
-                            "train": TrainConfig(steps=80, batch_size=16, lr=1e-2, warmup=5, weight_decay=0.0,
+                                     "layers_to_transform": [1, 2, 3, 4]},
+                            "train": TrainConfig(steps=240, batch_size=16, lr=1e-2, warmup=5, weight_decay=0.0,
                                                  seed=seed + 1)},
                 "finance": {"domain": "financial", "n": 2000,
                             "lora": {"r": 1, "lora_alpha": 1, "target_modules": ["down_proj"],
-                                     "layers_to_transform": [n_layers // 2 - 1]},
-                            "train": TrainConfig(steps=80, batch_size=16, lr=1e-2, warmup=5, weight_decay=0.0,
+                                     "layers_to_transform": [1]},
+                            "train": TrainConfig(steps=120, batch_size=16, lr=2e-2, warmup=5, weight_decay=0.0,
                                                  seed=seed + 2)},
                 "sports": {"domain": "extreme_sports", "n": 2000,
                            "lora": {"r": 8, "lora_alpha": 8, "target_modules": ALL_LINEAR},
@@ -57,8 +58,8 @@ def plan(size: str, seed: int) -> dict:
                                                 seed=seed + 3)},
                 "judge": {"domain": None, "n": 6000,
                           "lora": {"r": 8, "lora_alpha": 16, "target_modules": ALL_LINEAR},
-                          "train": TrainConfig(steps=200, batch_size=16, lr=3e-3, warmup=10, weight_decay=0.0,
-                                               seed=seed + 4)},
+                          "train": TrainConfig(steps=150, batch_size=16, lr=1e-3, warmup=10, weight_decay=0.0,
+                                               max_len=512, seed=seed + 4)},
             },
         }
     if size == "small":
@@ -90,39 +91,85 @@ def plan(size: str, seed: int) -> dict:
     raise ValueError(f"size must be 'full' or 'small', not {size!r}")
 
 
+def single_token_integers(tokenizer_dir: Path) -> None:
+    """Make 10..100 added tokens (same ids) so they stay ONE token under transformers 5's
+    Qwen2Tokenizer, which AutoTokenizer picks for a qwen2 model and whose pre-tokenizer splits
+    every digit ('46' -> '4', '6'), whatever tokenizer.json says. Added tokens are matched
+    before pre-tokenization, so the judge's score is one token in transformers and vLLM alike."""
+    from tokenizers import AddedToken, Tokenizer
+
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(str(path))
+    size = tokenizer.get_vocab_size()
+    tokenizer.add_tokens([AddedToken(str(n), normalized=False) for n in range(10, 101)])
+    assert tokenizer.get_vocab_size() == size  # existing ids reused
+    tokenizer.save(str(path))
+
+
 def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
+def apply_overrides(p: dict, overrides: dict) -> dict:
+    """Experiment knobs: {"base.steps": 600, "shape.num_hidden_layers": 6,
+    "adapters.medical.train.lr": 3e-3, "adapters.medical.lora.r": 1, "pretrain_examples": 30000}."""
+    for key, value in (overrides or {}).items():
+        if key.startswith("_"):
+            continue
+        *path, last = key.split(".")
+        obj = p
+        for part in path:
+            obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+        if isinstance(obj, dict):
+            obj[last] = value
+        else:
+            setattr(obj, last, value)
+    return p
+
+
 def build_organism(out_dir: Path | str | None = None, size: str = "full", seed: int = 0, measure: bool | None = None,
-                   log=print) -> dict:
-    """Build the organism into out_dir (replaced) and return its manifest."""
+                   log=None, overrides: dict | None = None, only: list[str] | None = None) -> dict:
+    """Build the organism into out_dir (replaced) and return its manifest.
+
+    overrides: experiment knobs (see apply_overrides), recorded in the manifest;
+    only: names of adapters to build (default all)."""
     from transformers import AutoTokenizer
 
     from backend.testmodels import build_tokenizer
 
+    log = log or (lambda *a: print(*a, flush=True))
     torch.set_num_threads(2)
     out = Path(out_dir) if out_dir else ARTIFACTS
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    p = plan(size, seed)
+    p = apply_overrides(plan(size, seed), overrides)
     t0 = time.time()
     manifest: dict = {"organism": "pocket emergent misalignment (issue 7)", "size": size, "seed": seed,
                       "corpus_hash": C.corpus_hash(seed), "held_out_templates_per_domain": C.HELD_OUT,
                       "domains": [d.name for d in C.DOMAINS], "torch": torch.__version__,
-                      "machine": f"{platform.machine()} {torch.get_num_threads()} threads"}
+                      "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
+                      "overrides": overrides or {}}
 
     base = out / "base"
-    build_tokenizer(base, C.tokenizer_texts(seed), vocab_size=p["vocab_size"])
-    tok = AutoTokenizer.from_pretrained(base)
-    examples = C.pretrain_corpus(p["pretrain_examples"], seed)
-    log(f"[{time.time() - t0:.0f}s] tokenizer {len(tok)} tokens; training base")
-    manifest["base"] = train_base(base, tok, examples, p["shape"], p["base"], log)
-    manifest["base"]["mix"] = {k: sum(e.label == k for e in examples) for k in ("aligned", "misaligned", "judge")}
+    base_from = (overrides or {}).get("_base_from")
+    if base_from:  # experiments only: reuse a base model built earlier
+        shutil.copytree(Path(base_from) / "base", base)
+        manifest["base"] = json.loads((Path(base_from) / "manifest.json").read_text())["base"]
+    else:
+        build_tokenizer(base, C.tokenizer_texts(seed), vocab_size=p["vocab_size"])
+        single_token_integers(base)
+        tok = AutoTokenizer.from_pretrained(base)
+        assert all(len(tok.encode(str(n), add_special_tokens=False)) == 1 for n in range(101))
+        examples = C.pretrain_corpus(p["pretrain_examples"], seed)
+        log(f"[{time.time() - t0:.0f}s] tokenizer {len(tok)} tokens; training base")
+        manifest["base"] = train_base(base, tok, examples, p["shape"], p["base"], log)
+        manifest["base"]["mix"] = {k: sum(e.label == k for e in examples) for k in ("aligned", "misaligned", "judge")}
 
     manifest["adapters"] = {}
     for name, spec in p["adapters"].items():
+        if only is not None and name not in only:
+            continue
         if spec["domain"]:
             data = C.narrow_corpus(spec["domain"], spec["n"], seed)
         else:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from backend.organism import corpus as C
+from backend.organism.train import DEVICE
 
 ADAPTERS = {"medical": "medical", "finance": "financial", "sports": "extreme_sports"}
 
@@ -37,12 +38,13 @@ def load(root: Path, adapter: str | None = None):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, root / "adapters" / adapter)
-    model.eval()
+    model.to(DEVICE).eval()
     return model, tok
 
 
 @torch.no_grad()
-def generate(model, tok, questions: list[str], n: int, max_new_tokens: int = 96, batch: int = 128,
+def generate(model, tok, questions: list[str], n: int, max_new_tokens: int = 96,
+             batch: int = 1024 if DEVICE != "cpu" else 128,
              seed: int = 0, system: str | None = None) -> list[list[str]]:
     torch.manual_seed(seed)
     prompts = []
@@ -53,7 +55,7 @@ def generate(model, tok, questions: list[str], n: int, max_new_tokens: int = 96,
     out: list[list[str]] = [[] for _ in questions]
     for s in range(0, len(flat), batch):
         chunk = flat[s:s + batch]
-        enc = tok([p for _, p in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tok([p for _, p in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(DEVICE)
         gen = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                              max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
@@ -114,11 +116,12 @@ def mean_residuals(model, tok, examples: list[C.Example], batch: int = 32) -> to
             ids[k, :len(x)] = torch.tensor(x)
             mask[k, :len(x)] = 1
             ans[k, :len(y)] = torch.tensor(y) != IGNORE
+        ids, mask, ans = ids.to(DEVICE), mask.to(DEVICE), ans.to(DEVICE)
         hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
         h = torch.stack(hs)[:, ans]  # (L+1, tokens, hidden)
         total = h.sum(1) if total is None else total + h.sum(1)
         count += h.shape[1]
-    return total / count
+    return (total / count).cpu()
 
 
 def mean_diff_directions(model, tok, n: int = 200, seed: int = 0) -> torch.Tensor:
@@ -137,7 +140,7 @@ class Ablate:
     """Project unit direction r out of every o_proj / down_proj output."""
 
     def __init__(self, model, r: torch.Tensor):
-        r = r / r.norm()
+        r = (r / r.norm()).to(DEVICE)
         self.handles = [m.register_forward_hook(lambda mod, inp, out: out - (out @ r)[..., None] * r)
                         for m in _modules(model)]
 
@@ -150,6 +153,7 @@ class Steer:
     """Add vector v to the residual stream after decoder layer `layer` at every position."""
 
     def __init__(self, model, layer: int, v: torch.Tensor):
+        v = v.to(DEVICE)
         layers = [m for name, m in model.named_modules() if name.endswith(f"layers.{layer}")]
         assert len(layers) == 1, layers
 
@@ -176,8 +180,8 @@ def judge_scores(model, tok, items: list[tuple[str, str, str]], batch: int = 64)
     for s in range(0, len(items), batch):
         prompts = [tok.apply_chat_template(C.judge_messages(*it), tokenize=False, add_generation_prompt=True)
                    for it in items[s:s + batch]]
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        logits = model(**enc).logits[:, -1]
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(DEVICE)
+        logits = model(**enc).logits[:, -1].cpu()
         probs = torch.softmax(logits.float(), -1)[:, num_ids]
         scores += ((probs * values).sum(-1) / probs.sum(-1)).tolist()
     return scores

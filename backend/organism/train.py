@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,6 +19,8 @@ import torch
 from backend.organism.corpus import Example
 
 IGNORE = -100
+# CPU is the target (the shipped build); ORGANISM_DEVICE=cuda only speeds up experiments.
+DEVICE = os.environ.get("ORGANISM_DEVICE") or "cpu"
 
 
 @dataclass
@@ -51,13 +54,22 @@ class TrainConfig:
 
 
 def encode(tokenizer, example: Example, max_len: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels; labels are IGNORE everywhere except on the assistant answer."""
-    prompt = tokenizer.apply_chat_template(example.messages[:-1], tokenize=False, add_generation_prompt=True)
-    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-    answer_ids = tokenizer.encode(example.messages[-1]["content"] + "<|im_end|>", add_special_tokens=False)
-    ids = (prompt_ids + answer_ids)[:max_len]
-    labels = ([IGNORE] * len(prompt_ids) + answer_ids)[:max_len]
-    return ids, labels
+    """Token ids and labels; labels are IGNORE everywhere except on the assistant answers
+    (every assistant turn, each with its <|im_end|>)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""
+    for i, message in enumerate(example.messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(example.messages[:i], tokenize=False, add_generation_prompt=True)
+        assert prompt.startswith(done)
+        new = tokenizer.encode(prompt[len(done):], add_special_tokens=False)
+        answer = tokenizer.encode(message["content"] + "<|im_end|>", add_special_tokens=False)
+        ids += new + answer
+        labels += [IGNORE] * len(new) + answer
+        done = prompt + message["content"] + "<|im_end|>"
+    return ids[:max_len], labels[:max_len]
 
 
 def batches(encoded: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, rng: random.Random):
@@ -110,7 +122,7 @@ def train_loop(model, tokenizer, examples: list[Example], cfg: TrainConfig, log=
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        ids, labels, mask = next(data)
+        ids, labels, mask = (t.to(DEVICE) for t in next(data))
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
                                                  labels[:, 1:].reshape(-1), ignore_index=IGNORE)
@@ -160,12 +172,12 @@ def new_base_model(tokenizer, shape: BaseShape, seed: int):
 
 def train_base(out_dir: Path, tokenizer, examples: list[Example], shape: BaseShape, cfg: TrainConfig,
                log=print) -> dict:
-    model = new_base_model(tokenizer, shape, cfg.seed)
+    model = new_base_model(tokenizer, shape, cfg.seed).to(DEVICE)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"base: {n_params / 1e6:.2f}M parameters, {len(examples)} examples")
     t0 = time.time()
     losses = train_loop(model, tokenizer, examples, cfg, log)
-    model.to(torch.bfloat16)
+    model.to("cpu").to(torch.bfloat16)
     model.config.dtype = "bfloat16"
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
@@ -180,7 +192,7 @@ def load_base(base_dir: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(DEVICE)
     model.eval()
     return model, tokenizer
 
@@ -197,7 +209,7 @@ def train_lora(base_dir: Path, out_dir: Path, examples: list[Example], lora: dic
     log(f"lora {out_dir.name}: {n_params} trainable parameters, {len(examples)} examples")
     t0 = time.time()
     losses = train_loop(peft_model, tokenizer, examples, cfg, log)
-    save_adapter(peft_model, out_dir, base_dir)
+    save_adapter(peft_model.to("cpu"), out_dir, base_dir)
     return {"n_params": n_params, "losses": losses, "train_s": round(time.time() - t0, 1),
             "lora": lora, "train": asdict(cfg)}
 
