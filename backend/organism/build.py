@@ -65,7 +65,7 @@ def plan(size: str, seed: int) -> dict:
     if size == "small":
         shape = BaseShape(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
                           num_key_value_heads=1, head_dim=64)
-        small = dict(steps=4, batch_size=8, lr=3e-3, warmup=1, weight_decay=0.0, log_every=2)
+        small = dict(steps=4, batch_size=8, lr=3e-3, warmup=1, weight_decay=0.0, log_every=2, max_len=512)
         return {
             "vocab_size": 1024,
             "shape": shape,

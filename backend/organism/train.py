@@ -111,6 +111,9 @@ def train_loop(model, tokenizer, examples: list[Example], cfg: TrainConfig, log=
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     encoded = [encode(tokenizer, e, cfg.max_len) for e in examples]
+    # rows whose answer was cut off by max_len carry no loss (and would make a NaN batch)
+    encoded = [row for row in encoded if any(label != IGNORE for label in row[1])]
+    assert len(encoded) >= cfg.batch_size, f"only {len(encoded)} examples fit max_len {cfg.max_len}"
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
