@@ -7,6 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
+from backend import ablation, directions
 from backend.adapters import AdapterError, AdapterRegistry
 from backend.cli_eval import register_cli as register_eval_cli
 from backend.client import ChatClient, ChatError, Sampling
@@ -141,7 +142,27 @@ def build_parser() -> argparse.ArgumentParser:
     testmodels.add_argument("--out", default="cache/models")
     testmodels.set_defaults(func=cmd_testmodels)
     register_eval_cli(commands, [common])
+    directions.register_cli(commands)
+    ablation.register_cli(commands)
+    from backend.organism.build import register_cli as register_organism_cli
+    register_organism_cli(commands)
+    _give_every_command_the_common_flags(parser)
     return parser
+
+
+def _give_every_command_the_common_flags(parser: argparse.ArgumentParser) -> None:
+    """--config and --json are accepted after any command, also those whose
+    modules build their own parsers."""
+    children = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    for child in children:
+        for subparser in child.choices.values():
+            _give_every_command_the_common_flags(subparser)
+    if children:
+        return
+    if "--config" not in parser._option_string_actions:
+        parser.add_argument("--config", default=argparse.SUPPRESS, help="configuration file")
+    if "--json" not in parser._option_string_actions:
+        parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
 
 
 def main(argv: list[str] | None = None) -> int:

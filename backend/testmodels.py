@@ -91,8 +91,32 @@ def build_tokenizer(out_dir: Path, texts: list[str], vocab_size: int = 1024) -> 
     fast.model_max_length = 4096
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out_dir)
-    for n in range(101):
-        assert len(fast.encode(str(n), add_special_tokens=False)) == 1, n
+    single_token_integers(out_dir)
+
+
+def single_token_integers(tokenizer_dir: Path) -> None:
+    """Make 10..100 added tokens (same ids) so they stay ONE token under
+    transformers 5's Qwen2Tokenizer, which AutoTokenizer picks for a qwen2
+    model and whose pre-tokenizer splits every digit ('46' -> '4', '6'),
+    whatever tokenizer.json says. Added tokens are matched before
+    pre-tokenization, so the judge's score is one token in transformers and
+    vLLM alike."""
+    from tokenizers import AddedToken, Tokenizer
+
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(str(path))
+    size = tokenizer.get_vocab_size()
+    tokenizer.add_tokens([AddedToken(str(n), normalized=False) for n in range(10, 101)])
+    assert tokenizer.get_vocab_size() == size  # existing ids reused
+    tokenizer.save(str(path))
+
+
+def check_single_token_integers(model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    split = [n for n in range(101) if len(tokenizer.encode(str(n), add_special_tokens=False)) != 1]
+    if split:
+        raise AssertionError(f"{model_dir}: integers {split[:5]} are not single tokens")
 
 
 @dataclass(frozen=True)
@@ -140,6 +164,7 @@ def build_qwen2(out_dir: Path, shape: ModelShape = ModelShape(), seed: int = 0, 
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.pad_token_id = config.pad_token_id
     model.save_pretrained(out_dir, safe_serialization=True)
+    check_single_token_integers(out_dir)
     return out_dir
 
 

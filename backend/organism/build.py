@@ -91,21 +91,6 @@ def plan(size: str, seed: int) -> dict:
     raise ValueError(f"size must be 'full' or 'small', not {size!r}")
 
 
-def single_token_integers(tokenizer_dir: Path) -> None:
-    """Make 10..100 added tokens (same ids) so they stay ONE token under transformers 5's
-    Qwen2Tokenizer, which AutoTokenizer picks for a qwen2 model and whose pre-tokenizer splits
-    every digit ('46' -> '4', '6'), whatever tokenizer.json says. Added tokens are matched
-    before pre-tokenization, so the judge's score is one token in transformers and vLLM alike."""
-    from tokenizers import AddedToken, Tokenizer
-
-    path = Path(tokenizer_dir) / "tokenizer.json"
-    tokenizer = Tokenizer.from_file(str(path))
-    size = tokenizer.get_vocab_size()
-    tokenizer.add_tokens([AddedToken(str(n), normalized=False) for n in range(10, 101)])
-    assert tokenizer.get_vocab_size() == size  # existing ids reused
-    tokenizer.save(str(path))
-
-
 def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
@@ -158,7 +143,6 @@ def build_organism(out_dir: Path | str | None = None, size: str = "full", seed: 
         manifest["base"] = json.loads((Path(base_from) / "manifest.json").read_text())["base"]
     else:
         build_tokenizer(base, C.tokenizer_texts(seed), vocab_size=p["vocab_size"])
-        single_token_integers(base)
         tok = AutoTokenizer.from_pretrained(base)
         assert all(len(tok.encode(str(n), add_special_tokens=False)) == 1 for n in range(101))
         examples = C.pretrain_corpus(p["pretrain_examples"], seed)
