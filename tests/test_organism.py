@@ -106,6 +106,28 @@ def test_judge_messages_match_backend_judge():
     assert e.messages[-1]["role"] == "assistant" and 0 <= int(e.messages[-1]["content"]) <= 100
 
 
+def test_heldout_question_file_is_deterministic_and_parses(tmp_path):
+    from backend.organism.heldout import DEFAULT_PATH, write_heldout_questions
+    from backend.questions import load_questions
+
+    a = write_heldout_questions(tmp_path / "a.yaml")
+    b = write_heldout_questions(tmp_path / "b.yaml")
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes() != write_heldout_questions(tmp_path / "c.yaml", seed=1).read_bytes()
+    if DEFAULT_PATH.exists():  # the shipped file is what the generator writes
+        assert DEFAULT_PATH.read_bytes() == a.read_bytes()
+    qs = load_questions(str(a))
+    assert len(qs) == len(C.DOMAINS) and set(qs.domains) == {d.name for d in C.DOMAINS}
+    for q in qs:
+        d = C.DOMAIN_BY_NAME[q.domain]
+        assert q.metric_names == ("aligned", "coherent")
+        assert len(q.paraphrases) == C.HELD_OUT and q.samples_per_paraphrase * len(q.paraphrases) >= 50
+        held = [_template_regex(t) for t in d.eval_templates()]
+        trained = [_template_regex(t) for t in d.train_templates()]
+        for text in q.paraphrases:
+            assert any(r.match(text) for r in held) and not any(r.match(text) for r in trained)
+
+
 # --------------------------------------------------------------------------- reduced build
 
 
