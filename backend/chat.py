@@ -19,6 +19,9 @@ class Answer:
     error: str | None = None
     done: bool = False
     stopped: bool = False
+    # metric -> (score or None, explanation): the judge's badges
+    scores: dict[str, tuple[float | None, str]] = field(default_factory=dict)
+    saved_as: str | None = None
 
 
 @dataclass
@@ -161,3 +164,42 @@ def _run(jobs: list[Job], on_update: Callable[[Job], None]) -> None:
         else:
             answer.text += item
         on_update(job)
+
+
+JUDGED_METRICS = ("aligned", "coherent")
+
+
+def judge_answer(config, question: str, answer: Answer, judge_name: str | None = None) -> None:
+    """Score one answer on the papers' two scales; each score keeps its explanation."""
+    from backend.evaluation import project_judge
+    from backend.judge import JudgeRequest, rubric
+    judge = project_judge(config, judge_name)
+    judgements = judge.judge_many([JudgeRequest(question, answer.text, rubric(m)) for m in JUDGED_METRICS])
+    for metric, judgement in zip(JUDGED_METRICS, judgements):
+        explanation = judgement.reason or (f"label {judgement.label}" if judgement.label else
+                                           f"numeric mass {judgement.numeric_mass:.2f}")
+        answer.scores[metric] = (judgement.score, explanation)
+
+
+def save_exchange(config, history: list[Turn], sample: int, setup: ChatSetup, column: int) -> str:
+    """Store one column's conversation with every setting, for the evaluation browser."""
+    import uuid
+
+    from backend.store import ChatExchange, Store
+    turn = history[-1]
+    answer = turn.answers[sample]
+    exchange_id = uuid.uuid4().hex[:12]
+    sampling = sample_sampling(setup.sampling, sample)
+    Store.for_config(config).save_chat(ChatExchange(
+        id=exchange_id,
+        messages=messages_for(history, upto=len(history) - 1) + [{"role": "user", "content": turn.user}],
+        response=answer.text,
+        settings={"condition": turn.condition, "column": column, "sample": sample,
+                  "temperature": sampling.temperature, "top_p": sampling.top_p, "max_tokens": sampling.max_tokens,
+                  "seed": sampling.seed, "system_prompt": sampling.system_prompt},
+        base_model=config.base_model_path, condition=turn.condition,
+        extra={"scores": {m: {"score": s, "explanation": e} for m, (s, e) in answer.scores.items()},
+               "stopped": answer.stopped},
+    ))
+    answer.saved_as = exchange_id
+    return exchange_id

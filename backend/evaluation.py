@@ -419,6 +419,13 @@ def make_judge(choice: JudgeChoice, config: Config, cache: JudgeCache | None,
                  judge_id=choice.identity, retry=retry)
 
 
+def project_judge(config: Config, name: str | None = None) -> Judge:
+    """The judge a configuration names, by the rule of choose_judge, for one-off
+    judging outside a run (the chat page), sharing the runs' judge cache."""
+    choice = choose_judge(config, name, _Models(config))
+    return make_judge(choice, config, JudgeCache(config.cache / "judge_cache.sqlite"))
+
+
 def probe_judge(choice: JudgeChoice) -> list[tuple[str, float]]:
     """One uncached request of the judge's shape (one token, top-20 logprobs), so a judge
     that cannot work stops the run before any sampling. Returns the top logprobs.

@@ -49,6 +49,14 @@ def set_conditions(conditions: list[Condition]) -> None:
         del state[key]
 
 
+def score_badge(metric: str, value: tuple[float | None, str]) -> str:
+    score, _ = value
+    if score is None:
+        return f":gray-badge[{metric}: n/a]"
+    bad = score < 30 if metric == "aligned" else score <= 50
+    return f":{'red' if bad else 'green'}-badge[{metric} {score:.0f}]"
+
+
 def stop(columns: list[int]) -> None:
     state.stopped |= set(columns)
 
@@ -148,11 +156,16 @@ for index, (column, condition) in enumerate(zip(columns, setup.conditions)):
             st.slider("ablation strength", *STRENGTH_RANGE, condition.strength, 0.05, key=f"col-{index}-strength",
                       on_change=strength_moved, args=(index,),
                       help="0 = off, 1 = full projection, negative amplifies. Moving it regenerates this column.")
+            header = (f"adapter {condition.adapter or 'base'} · direction {condition.direction} · "
+                      f"layer {condition.layer} · strength {condition.strength:g} · gap to exact ablation "
+                      "(embedding term vLLM can't serve): ")
             try:
-                gap = runner.embedding_gap(condition)
-                st.caption(f"adapter {condition.adapter or 'base'} · direction {condition.direction} · "
-                           f"layer {condition.layer} · strength {condition.strength:g} · gap to exact ablation "
-                           f"(embedding term vLLM can't serve): max |Δ logprob| = {gap:.4f}")
+                if jobs:  # measured after the answers, so it never delays a first token
+                    st.caption(header + "measuring after this answer")
+                else:
+                    st.caption(header + f"max |Δ logprob| = {runner.embedding_gap(condition):.4f}")
+                    # Neighbouring slider values built and loaded ahead: moving the slider finds them served.
+                    runner.prefetch(condition, [condition.strength - 0.05, condition.strength + 0.05])
             except (ConditionError, AdapterError, ConfigError, OSError) as error:
                 st.error(str(error))
         elif condition.kind == "steering":
@@ -179,6 +192,26 @@ for index, (column, condition) in enumerate(zip(columns, setup.conditions)):
                         slot.error(answer.error)
                     else:
                         slot.text(answer.text + (" [stopped]" if answer.stopped else "") or "…")
+                    if answer.scores:
+                        st.markdown(" ".join(score_badge(m, v) for m, v in answer.scores.items()),
+                                    help="; ".join(f"{m}: {e}" for m, (_, e) in answer.scores.items()))
+                    if answer.done and answer.text and turn_index == len(state.histories[index]) - 1:
+                        judge_col, save_col = st.columns(2)
+                        if judge_col.button("Judge", key=f"judge-{index}-{sample}"):
+                            try:
+                                chat.judge_answer(config, turn.user, answer)
+                            except Exception as error:  # the judge's own errors name it and the reason
+                                st.error(f"judge: {error}")
+                            else:
+                                st.rerun()
+                        if save_col.button("Saved" if answer.saved_as else "Save", key=f"save-{index}-{sample}",
+                                           disabled=bool(answer.saved_as)):
+                            try:
+                                chat.save_exchange(config, state.histories[index], sample, setup, index)
+                            except Exception as error:
+                                st.error(f"saving: {error}")
+                            else:
+                                st.rerun()
 
 page_actions = st.columns([1, 1, 1, 5])
 page_actions[0].button("Stop all", on_click=stop, args=(list(range(len(setup.conditions))),))
@@ -213,4 +246,6 @@ def redraw(job: chat.Job) -> None:
         slot.text(answer.text or "…")
 
 
-chat.run(jobs, redraw)
+if jobs:
+    chat.run(jobs, redraw)
+    st.rerun()  # draw the finished answers with their Judge and Save buttons

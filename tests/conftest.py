@@ -63,6 +63,7 @@ def write_config(folder: Path, base: Path, adapters: dict[str, Path], port: int,
     lines += [f'{name} = "{path}"' for name, path in adapters.items()]
     lines += ["[server]", f"port = {port}", "max_model_len = 512"]
     lines += [f"{key} = {json.dumps(value)}" for key, value in server.items()]
+    lines += ["[judge]", 'model = "base"']
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.toml").write_text("\n".join(lines) + "\n")
     return load_config(folder / "config.toml")
