@@ -79,7 +79,7 @@ def installed_vllm_build() -> str:
             return build
         except metadata.PackageNotFoundError:
             continue
-    raise ServerError("vLLM is not installed in this environment (see requirements-cpu.txt / requirements-gpu.txt)")
+    raise ServerError("vLLM is not installed in this environment (scripts/setup.sh installs the CPU build)")
 
 
 def state_path(config: Config) -> Path:
@@ -211,9 +211,9 @@ def start_server(config: Config, *, port: int | None = None, detach: bool = True
     build = installed_vllm_build()
     device = "cuda" if has_gpu() else "cpu"
     if device == "cuda" and build == "cpu":
-        raise ServerError("a GPU is present but the CPU build of vLLM is installed; install requirements-gpu.txt")
+        raise ServerError("a GPU is present but the CPU build of vLLM is installed; install the CUDA build of vLLM (vllm==0.26.0 for torch 2.11)")
     if device == "cpu" and build == "cuda":
-        raise ServerError("no GPU is present but the CUDA build of vLLM is installed; install requirements-cpu.txt")
+        raise ServerError("no GPU is present but the CUDA build of vLLM is installed; install requirements-cpu.txt (scripts/setup.sh)")
 
     argv, env = vllm_command(config, port, device)
     log_path = config.cache / "logs" / f"vllm-{port}.log"
