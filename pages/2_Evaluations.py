@@ -237,6 +237,8 @@ with runs_tab:
             conditions = st.text_area("conditions, one per line (base | adapter=A | "
                                       "adapter=A,direction=D,layer=L,strength=S)", "\n".join(default_conditions))
             samples = st.number_input("samples per paraphrase (0 = the question set's own)", 0, 1000, 0)
+            max_tokens = st.number_input("max tokens per answer", 1, 4096, evaluation.RunSpec.max_tokens,
+                                         help="the answer and the judge prompt must fit the server's context")
             judge = st.text_input("judge (empty = the configured [judge])", "")
             run_id = st.text_input("run id (empty = new; an existing id resumes it)", "")
             if st.form_submit_button("Start run"):
@@ -245,7 +247,7 @@ with runs_tab:
                         questions=questions.strip(), conditions=tuple(c.strip() for c in conditions.splitlines()
                                                                       if c.strip()),
                         samples=int(samples) or None, judge=judge.strip() or None, run_id=run_id.strip() or None,
-                        store_path=str(store.path))
+                        max_tokens=int(max_tokens), store_path=str(store.path))
                     handle = evaluation.launch_run(spec, config)
                 except (evaluation.EvalError, ValueError, OSError, ConfigError) as error:
                     st.error(f"Could not start the run: {error}")
