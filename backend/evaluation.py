@@ -61,7 +61,7 @@ from backend.config import Config, ConfigError, load_config
 from backend.judge import (TOP_LOGPROBS, Judge, JudgeCache, JudgeError, Judgement, JudgeRequest,
                            JudgeUnavailableError, RetryPolicy, Rubric, rubrics_for)
 from backend.questions import Question, QuestionFileError, QuestionSet, load_questions
-from backend.serving import ServerError, auth_headers, is_healthy, server_url
+from backend.serving import ServerError, auth_headers, is_healthy, pid_alive, server_url
 from backend.store import (ConditionRecord, JudgementRow, RunRecord, SampleKey, SampleRow, Store, StoreError)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -851,7 +851,7 @@ class RunHandle:
     store_path: str
 
     def alive(self) -> bool:
-        return _pid_alive(self.pid)
+        return pid_alive(self.pid)
 
     def stop(self) -> None:
         """Like Ctrl-C: the run writes what is finished and marks itself 'interrupted'."""
@@ -859,23 +859,6 @@ class RunHandle:
             os.kill(self.pid, signal.SIGINT)
         except ProcessLookupError:
             pass
-
-
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (our own finished child not yet reaped) is not a live run.
-    try:
-        waited, _ = os.waitpid(pid, os.WNOHANG)
-        return waited == 0
-    except ChildProcessError:
-        return True
 
 
 def launch_run(spec: RunSpec, config: Config | None = None) -> RunHandle:
@@ -922,7 +905,7 @@ def read_progress(store: Store, run_id: str, config: Config | None = None) -> Pr
             info = {}
         same_host = info.get("host") in (None, socket.gethostname())
         # The launcher's pid covers the moment before the run process has written its own.
-        if same_host and not _pid_alive(info.get("pid") or info.get("launcher_pid")):
+        if same_host and not pid_alive(info.get("pid") or info.get("launcher_pid")):
             status = "stale"
     elapsed = ((run.finished_at or _utcnow()) - run.created_at).total_seconds() if run.created_at else 0.0
     return Progress(run_id, status, int(counts[0]), int(planned.get("samples", counts[0])), int(counts[1]),

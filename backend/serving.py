@@ -94,14 +94,21 @@ def read_state(config: Config) -> ServerState | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    # A zombie (our own finished child not yet reaped) is not alive.
+    try:
+        waited, _ = os.waitpid(pid, os.WNOHANG)
+        return waited == 0
+    except ChildProcessError:
+        return True
 
 
 def server_url(config: Config) -> str:
@@ -109,7 +116,7 @@ def server_url(config: Config) -> str:
     if config.server.url:
         return config.server.url.rstrip("/").removesuffix("/v1")
     state = read_state(config)
-    if state and _pid_alive(state.pid):
+    if state and pid_alive(state.pid):
         return state.url
     return f"http://{config.server.host}:{config.server.port}"
 
@@ -203,7 +210,7 @@ def start_server(config: Config, *, port: int | None = None, detach: bool = True
     if config.server.url:
         raise ServerError(f"the configuration points at a running server ({config.server.url}); not starting another")
     existing = read_state(config)
-    if existing and _pid_alive(existing.pid) and is_healthy(existing.url, auth_headers(config)):
+    if existing and pid_alive(existing.pid) and is_healthy(existing.url, auth_headers(config)):
         return existing
     port = port or config.server.port
     if not _port_free(config.server.host, port):
@@ -248,13 +255,9 @@ def _terminate(pid: int, grace_s: float = 20.0) -> None:
     except ProcessLookupError:
         return
     deadline = time.monotonic() + grace_s
-    while _pid_alive(pid) and time.monotonic() < deadline:
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    if _pid_alive(pid):
+    if pid_alive(pid):
         try:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -266,7 +269,7 @@ def stop_server(config: Config) -> bool:
     state = read_state(config)
     if state is None:
         return False
-    alive = _pid_alive(state.pid)
+    alive = pid_alive(state.pid)
     if alive:
         _terminate(state.pid)
     state_path(config).unlink(missing_ok=True)
@@ -276,7 +279,7 @@ def stop_server(config: Config) -> bool:
 def server_status(config: Config) -> ServerStatus:
     url = server_url(config)
     state = read_state(config)
-    managed = bool(state and state.url == url and _pid_alive(state.pid))
+    managed = bool(state and state.url == url and pid_alive(state.pid))
     status = ServerStatus(url=url, healthy=False, managed=managed, pid=state.pid if managed else None,
                           device=state.device if managed else None,
                           max_lora_rank=state.max_lora_rank if managed else config.server.max_lora_rank,
