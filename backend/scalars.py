@@ -519,6 +519,78 @@ def knockout_each(adapter_dir: str | Path, out_root: str | Path, factor: float =
     return [compile_knockout(adapter_dir, {a: factor}, out_root) for a in adapter_labels_in(adapter_dir)]
 
 
+KO_SEPARATOR = "-ko-"
+
+
+def knockout_name(adapter: str, label: str, factor: float = 0.0) -> str:
+    """The condition/served name of a knock-out: 'medical-ko-L3.down_proj', 'medical-ko-all',
+    'medical-ko-L3.down_proj-x0.5' for a factor other than 0."""
+    return f"{adapter}{KO_SEPARATOR}{label}" + ("" if factor == 0 else f"-x{factor:g}")
+
+
+def knockout_config(config, adapter: str, factor: float = 0.0, include_all: bool = True):
+    """(config with one extra adapter per knock-out, {condition name: knocked-out label or 'all'}).
+    The knock-outs live in <cache>/adapters/ko-*; the returned config is only held in memory."""
+    adapter_dir = config.adapter_path(adapter)
+    extra, labels = {}, {}
+    for label in adapter_labels_in(adapter_dir):
+        name = knockout_name(adapter, label, factor)
+        extra[name] = str(compile_knockout(adapter_dir, {label: factor}, config.cache / "adapters").path)
+        labels[name] = label
+    if include_all:
+        name = knockout_name(adapter, "all", factor)
+        extra[name] = str(knockout_all(adapter_dir, config.cache / "adapters", factor).path)
+        labels[name] = "all"
+    return config.model_copy(update={"adapters": {**config.adapters, **extra}}), labels
+
+
+def evaluate_knockouts(config, adapter: str, *, questions: str = "em_core", samples: int | None = None,
+                       judge: str | None = None, factor: float = 0.0, run_id: str | None = None,
+                       question_ids: Sequence[str] = (), max_tokens: int = 300, seed: int = 0,
+                       temperature: float = 1.0, include_base: bool = True, store=None, progress=None):
+    """One evaluation run (backend.evaluation.run_eval) with the full adapter set, each knock-out and
+    (optionally) the base model as conditions; the knock-outs are served as runtime-loaded adapters.
+    Returns (RunResult, {condition: knocked-out label})."""
+    from backend.evaluation import RunSpec, run_eval
+
+    extended, labels = knockout_config(config, adapter, factor)
+    conditions = (("base",) if include_base else ()) + (f"adapter={adapter}",) + tuple(
+        f"adapter={name}" for name in labels)
+    spec = RunSpec(questions=questions, conditions=conditions, samples=samples, judge=judge, run_id=run_id,
+                   question_ids=tuple(question_ids), max_tokens=max_tokens, seed=seed,
+                   temperature=temperature, notes=f"knock-outs of {adapter} (factor {factor:g})")
+    return run_eval(spec, progress, config=extended, store=store), labels
+
+
+def knockout_effects(store, run_id: str, adapter: str, definition: str = "turner2025") -> list[dict]:
+    """EM rate of each knock-out condition of a run next to the full set's: one row per condition with
+    'knocked_out' (label, 'all', '(none)' for the full set, '(base)'), em_rate, its Wilson interval, n and
+    the change against the full set."""
+    if definition not in ("turner2025", "betley2025"):
+        raise ScalarError(f"definition must be turner2025 or betley2025, not {definition!r}")
+    n_column = "n_responses" if definition == "turner2025" else "n_coherent"
+    rows = store.sql(f"SELECT condition, em_rate, em_rate_ci95_low, em_rate_ci95_high, {n_column} "
+                     f"FROM em_rate_{definition}_by_condition WHERE run_id = ? ORDER BY condition", [run_id]).rows
+    full = next((r[1] for r in rows if r[0] == f"adapter={adapter}"), None)
+    prefix = f"adapter={adapter}{KO_SEPARATOR}"
+    out = []
+    for condition, rate, low, high, n in rows:
+        if condition == "base":
+            what = "(base)"
+        elif condition == f"adapter={adapter}":
+            what = "(none)"
+        elif condition.startswith(prefix):
+            what = condition[len(prefix):]
+        else:
+            continue
+        out.append({"condition": condition, "knocked_out": what, "em_rate": rate, "ci95_low": low,
+                    "ci95_high": high, "n": n,
+                    "change": None if rate is None or full is None else rate - full})
+    if not out:
+        raise ScalarError(f"run {run_id!r} has no judged conditions of adapter {adapter!r}")
+    return out
+
+
 # ---------------------------------------------------------------------------
 # CLI: python -m backend lora scalars|probe|knockout
 # ---------------------------------------------------------------------------

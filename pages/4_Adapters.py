@@ -160,7 +160,9 @@ if st.session_state.get("ad_probe_result") and st.session_state["ad_probe_result
 # ------------------------------------------------------------------ knock-outs
 st.subheader("Knock-outs")
 st.caption("A compiled copy of the adapter set with one adapter's lora_B scaled (0 = removed); load it into the "
-           "running vLLM server as a new adapter, no restart, and evaluate it like any other adapter.")
+           "running vLLM server as a new adapter, no restart, and evaluate it like any other adapter. "
+           f"`python -m backend lora knockout --adapter {adapter} --evaluate --samples N` runs base, the full set, "
+           "each knock-out and all knocked out through the evaluation runner; its EM rates are charted below.")
 modules = list(infos[adapter]["modules"])
 ko_module = st.selectbox("adapter to knock out", ["(every adapter)"] + modules, key="ad_ko_module")
 ko_factor = st.number_input("factor (0 removes it)", -2.0, 2.0, 0.0, 0.1, key="ad_ko_factor")
@@ -177,3 +179,30 @@ if st.button("Compile knock-out", key="ad_ko"):
             st.success(f"loaded as {ko.name}")
     except Exception as error:  # a server that is down or refuses must not break the page
         st.error(str(error))
+
+try:
+    ko_runs = [r[0] for r in store.sql(
+        "SELECT DISTINCT run_id FROM conditions WHERE adapter LIKE ? ORDER BY run_id",
+        [adapter + scalars.KO_SEPARATOR + "%"]).rows]
+except StoreError:
+    ko_runs = []
+if ko_runs:
+    ko_run = st.selectbox("knock-out run", ko_runs, index=len(ko_runs) - 1, key="ad_ko_run")
+    definition = st.radio("EM definition", ["turner2025", "betley2025"], horizontal=True, key="ad_ko_def")
+    try:
+        effects = pd.DataFrame(scalars.knockout_effects(store, ko_run, adapter, definition))
+    except (scalars.ScalarError, StoreError) as error:
+        st.warning(str(error))
+        effects = pd.DataFrame()
+    if not effects.empty:
+        base_chart = alt.Chart(effects).encode(
+            x=alt.X("knocked_out:N", title="knocked out", sort=list(effects["knocked_out"])))
+        bars = base_chart.mark_bar().encode(
+            y=alt.Y("em_rate:Q", title=f"EM rate ({definition})"),
+            tooltip=["condition", "knocked_out", alt.Tooltip("em_rate:Q", format=".3f"),
+                     alt.Tooltip("change:Q", format="+.3f"), "n"])
+        errors = base_chart.mark_rule().encode(y="ci95_low:Q", y2="ci95_high:Q")
+        st.altair_chart(bars + errors, width="stretch")
+        st.dataframe(effects, hide_index=True)
+else:
+    st.caption(f"No knock-out runs of {adapter} in {store.path} yet.")
