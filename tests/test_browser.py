@@ -88,3 +88,44 @@ def test_chat_three_columns_and_the_live_slider(dashboard, browser):
     assert changed[:2] == texts[:2]
     assert "strength%3D0.8" in page.url
     page.screenshot(path=str(ARTIFACTS / "chat-after-slider.png"), full_page=True)
+
+
+@pytest.fixture(scope="module")
+def browse_run(vllm_server, tiny_direction, tmp_path_factory):
+    """The small real evaluation of tests/test_browse_real.py, in the dashboard's own store."""
+    from test_browse_real import RUN_ID, real_run
+    real_run(vllm_server, tiny_direction, tmp_path_factory.mktemp("browse-run"))
+    return RUN_ID
+
+
+def charts_drawn(page, at_least: int) -> int:
+    """Vega-Lite charts on the page that have drawn their canvas (or svg)."""
+    charts = page.locator('[data-testid="stVegaLiteChart"]')
+    drawn = page.locator('[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg.marks')
+    busy = page.locator('[data-testid="stStatusWidget"]').count()
+    return charts.count() >= at_least and drawn.count() >= at_least and not busy and drawn.count()
+
+
+def test_evaluations_and_directions_pages_draw_their_charts(dashboard, browser, browse_run):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+
+    page.goto(f"{dashboard}/Evaluations?run={browse_run}")
+    # Per condition, against strength (the run has an ablation), scatter, per question, aligned histogram.
+    wait_for(lambda: charts_drawn(page, 5), what="the five Evaluations charts")
+    assert page.locator('[data-testid="stException"]').count() == 0
+    text = page.locator('[data-testid="stMain"]').inner_text()
+    assert "judged samples" in text and "18" in text  # 3 conditions x 3 paraphrases x 2 samples
+    page.wait_for_timeout(1000)  # let the last chart finish its transition
+    page.screenshot(path=str(ARTIFACTS / "evaluations.png"), full_page=True)
+
+    page.goto(f"{dashboard}/Directions")
+    wait_for(lambda: charts_drawn(page, 2), what="the Directions charts")
+    assert page.locator('[data-testid="stException"]').count() == 0
+    assert "tiny-dir" in page.locator('[data-testid="stMain"]').inner_text() or \
+        page.get_by_text("tiny-dir").count() > 0
+    page.wait_for_timeout(1000)
+    page.screenshot(path=str(ARTIFACTS / "directions.png"), full_page=True)
+    assert not errors, errors
