@@ -130,7 +130,7 @@ def require_rank1(model_or_result) -> None:
     bad = {k: r for k, r in ranks.items() if r != 1}
     if bad:
         shown = ", ".join(f"{k} (rank {r})" for k, r in list(bad.items())[:4])
-        raise ScalarError(f"not a rank-1 adapter set: {shown}{' ...' if len(bad) > 4 else ''}. The per-token "
+        raise ScalarError(f"not a rank-1 adapter set ({shown}{', ...' if len(bad) > 4 else ''}): the per-token "
                           "scalar view needs rank-1 LoRAs (one scalar per adapter per token); probes accept any "
                           "rank through the per-rank scalars")
 
