@@ -712,7 +712,10 @@ def _subtitle(d: EMDefinition, *extra: str) -> list[str]:
 def _rate_chart(frame: pd.DataFrame, category: str, title: str, d: EMDefinition, extra: Sequence[str] = ()):
     import altair as alt
 
-    base = alt.Chart(frame).encode(y=alt.Y(f"{category}:N", sort=None, title=None))
+    # Long condition specs ('adapter=A,direction=D,layer=L,strength=S') next to short ones:
+    # Vega's default label overlap removal silently dropped every other label at 14 px a row.
+    base = alt.Chart(frame).encode(y=alt.Y(f"{category}:N", sort=None, title=None,
+                                           axis=alt.Axis(labelOverlap=False, labelLimit=420)))
     tooltip = [category, alt.Tooltip("em_rate:Q", format=".3f"), alt.Tooltip("ci_low:Q", format=".3f"),
                alt.Tooltip("ci_high:Q", format=".3f"), "k:Q", "n:Q"]
     bars = base.mark_bar(opacity=0.7).encode(
@@ -720,7 +723,7 @@ def _rate_chart(frame: pd.DataFrame, category: str, title: str, d: EMDefinition,
         tooltip=tooltip)
     rules = base.mark_rule().encode(x="ci_low:Q", x2="ci_high:Q")
     return (bars + rules).properties(title=alt.TitleParams(title, subtitle=_subtitle(d, *extra)),
-                                     height=alt.Step(14))
+                                     height=alt.Step(20))
 
 
 def chart_by_condition(result: BrowseResult):
