@@ -106,6 +106,17 @@ def charts_drawn(page, at_least: int) -> int:
     return charts.count() >= at_least and drawn.count() >= at_least and not busy and drawn.count()
 
 
+def whole_page(page, path: Path) -> None:
+    """A screenshot of the whole page: Streamlit scrolls inside its main block, so Playwright's
+    full_page sees only the viewport; grow the viewport to the content instead."""
+    height = page.evaluate("() => Math.max(...[...document.querySelectorAll('[data-testid=\"stMain\"], "
+                           "[data-testid=\"stMainBlockContainer\"]')].map(e => e.scrollHeight), 1000)")
+    page.set_viewport_size({"width": 1500, "height": min(int(height) + 120, 12000)})
+    page.wait_for_timeout(1500)  # charts re-measure their width and redraw
+    page.screenshot(path=str(path), full_page=True)
+    page.set_viewport_size({"width": 1500, "height": 1000})
+
+
 def test_evaluations_and_directions_pages_draw_their_charts(dashboard, browser, browse_run):
     ARTIFACTS.mkdir(exist_ok=True)
     page = browser.new_page(viewport={"width": 1500, "height": 1000})
@@ -118,14 +129,12 @@ def test_evaluations_and_directions_pages_draw_their_charts(dashboard, browser, 
     assert page.locator('[data-testid="stException"]').count() == 0
     text = page.locator('[data-testid="stMain"]').inner_text()
     assert "judged samples" in text and "18" in text  # 3 conditions x 3 paraphrases x 2 samples
-    page.wait_for_timeout(1000)  # let the last chart finish its transition
-    page.screenshot(path=str(ARTIFACTS / "evaluations.png"), full_page=True)
+    whole_page(page, ARTIFACTS / "evaluations.png")
 
     page.goto(f"{dashboard}/Directions")
     wait_for(lambda: charts_drawn(page, 2), what="the Directions charts")
     assert page.locator('[data-testid="stException"]').count() == 0
     assert "tiny-dir" in page.locator('[data-testid="stMain"]').inner_text() or \
         page.get_by_text("tiny-dir").count() > 0
-    page.wait_for_timeout(1000)
-    page.screenshot(path=str(ARTIFACTS / "directions.png"), full_page=True)
+    whole_page(page, ARTIFACTS / "directions.png")
     assert not errors, errors
