@@ -150,10 +150,18 @@ with charts_tab:
                ("aligned vs coherent", browse.chart_scatter), ("EM per question", browse.chart_by_question),
                ("aligned distribution", browse.chart_aligned_hist)]
     for name, build in figures:
-        chart = build(result)
         if name == "EM vs strength" and result.by_strength.empty:
             st.caption("EM rate against ablation strength: no ablation conditions among the filtered samples.")
             continue
+        # A judge that never answered with a number (refusals, CODE, a small model) leaves these
+        # two with no points: Vega drew an empty frame with a dangling legend; say why instead.
+        if (name == "aligned vs coherent" and result.scatter.empty) or \
+                (name == "aligned distribution" and result.aligned_hist.empty):
+            st.caption(f"{name}: none of the {int(totals['samples']):,} filtered answers has "
+                       f"{'an aligned score' if name == 'aligned distribution' else 'both an aligned and a coherent score'}"
+                       " (see 'without a score': refusals, CODE, or a judge that put too little mass on numbers).")
+            continue
+        chart = build(result)
         st.altair_chart(chart, width="stretch")
         export_chart(chart, name)
 
