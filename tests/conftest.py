@@ -43,6 +43,15 @@ class RunningServer:
     def registry(self) -> AdapterRegistry:
         return AdapterRegistry(self.config)
 
+    def reset(self) -> None:
+        """Back to the configured adapters only: earlier tests (the chat page's
+        prefetch, compiled ablations) leave adapters loaded on the shared server."""
+        registry = self.registry
+        for name in set(registry.served()) - set(self.config.adapters):
+            registry.unload(name)
+        for name in set(self.config.adapters) - set(registry.served()):
+            registry.load(name)
+
     def prompt_logprobs(self, model: str, prompt: str) -> list[float]:
         """Per-token logprobs of a fixed prompt, the handle for equivalence checks."""
         name = ChatClient(self.config).served_name(model)

@@ -139,6 +139,7 @@ def test_seeded_sampling_is_reproducible_and_adapters_differ(vllm_server):
 
 
 def test_lru_adapter_is_evicted_when_the_server_is_full(vllm_server):
+    vllm_server.reset()
     registry = vllm_server.registry
     capacity = json.loads((vllm_server.config.cache / "server.json").read_text())["max_cpu_loras"]
     free = capacity - len(registry.served())
@@ -157,6 +158,7 @@ def test_lru_adapter_is_evicted_when_the_server_is_full(vllm_server):
 
 
 def test_cli_status_reflects_loads_unloads_and_a_restart(vllm_server):
+    vllm_server.reset()
     config = vllm_server.config
     def status() -> dict:
         result = cli(config, "status", "--json")
