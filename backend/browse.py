@@ -686,13 +686,18 @@ def chart_transfer(frame: pd.DataFrame, d: EMDefinition, strength: float):
         frame.assign(ablation="not ablated", em_rate=frame["em_unablated"])])
     long["row"] = long["direction"] + " (from " + long["direction_source"].fillna("?") + ") @L" + \
         long["layer"].astype(str)
-    base = alt.Chart(long).encode(x=alt.X("target_adapter:N", title="target adapter"),
-                                  y=alt.Y("row:N", title="direction (source adapter) @ layer"))
-    cells = base.mark_rect().encode(color=alt.Color("em_rate:Q", scale=alt.Scale(scheme="oranges")),
+    # Fixed 0..1 colours (both panels comparable; a single-valued store drew a '0.000000' legend)
+    # and fixed cell sizes (autosized facets squeezed one adapter into 20 px, titles overlapping).
+    base = alt.Chart(long).encode(x=alt.X("target_adapter:N", title="target adapter", axis=alt.Axis(labelAngle=0)),
+                                  y=alt.Y("row:N", title="direction (source adapter) @ layer",
+                                          axis=alt.Axis(labelLimit=320)))
+    cells = base.mark_rect().encode(color=alt.Color("em_rate:Q", title="EM rate",
+                                                    scale=alt.Scale(scheme="oranges", domain=[0, 1])),
                                     tooltip=["direction", "direction_source", "target_adapter", "layer", "ablation",
                                              alt.Tooltip("em_rate:Q", format=".3f")])
     text = base.mark_text(fontSize=11).encode(text=alt.Text("em_rate:Q", format=".3f"))
-    return (cells + text).facet(column=alt.Column("ablation:N", title=None)).properties(
+    return (cells + text).properties(width=alt.Step(110), height=alt.Step(32)).facet(
+        column=alt.Column("ablation:N", title=None)).properties(
         title=alt.TitleParams("Transfer: EM rate of each target adapter with each direction ablated",
                               subtitle=[d.title]))
 
