@@ -73,6 +73,10 @@ strength = right.select_slider("ablation strength", strengths, value=1.0 if 1.0 
                                key="dir_strength")
 runs = st.multiselect("runs (none = all)", [r["id"] for r in options.runs], key="dir_runs")
 transfer = cached_transfer(str(store.path), version, definition, float(strength), tuple(runs))
+if not transfer.empty:
+    # A direction file not registered in the store (saved to the cache only) still knows its adapter.
+    transfer = transfer.assign(direction_source=transfer["direction_source"].fillna(
+        transfer["direction"].map({i.name: i.adapter for i in infos})))
 if transfer.empty:
     st.caption("No evaluation run ablated a direction at this strength yet.")
 else:
