@@ -160,6 +160,7 @@ def test_directions_page_shows_tiny_dir(page_env, vllm_server, real_store):
     app.multiselect(key="dir_runs").set_value([RUN_ID]).run()
     transfer = app.dataframe[1].value
     assert list(transfer["direction"]) == ["tiny-dir"] and list(transfer["target_adapter"]) == ["em-rank1"]
+    assert list(transfer["direction_source"]) == ["em-rank1"]  # from the file: tiny-dir is not in the store
     ours = judged(real_store, "p.run_id = ?", [RUN_ID])
     assert int(transfer["n_ablated"].iloc[0]) == ours[ABLATION][0]
     assert int(transfer["n_unablated"].iloc[0]) == ours["adapter=em-rank1"][0]
