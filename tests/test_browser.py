@@ -71,7 +71,12 @@ def test_chat_three_columns_and_the_live_slider(dashboard, browser):
     query = ("col=base&col=adapter%3Dem-rank1&col=adapter%3Dem-rank1%2Cdirection%3Dtiny-dir%2Clayer%3D2%2C"
              "strength%3D1&seed=5&max=24&t=1")
     page.goto(f"{dashboard}/Chat?{query}")
-    page.get_by_placeholder("Ask every column").fill("What should I do with my savings?")
+    try:
+        # A loaded machine (CI beside other work) can take long for the first page run.
+        page.get_by_placeholder("Ask every column").fill("What should I do with my savings?", timeout=180_000)
+    except Exception:
+        page.screenshot(path=str(ARTIFACTS / "chat-failed-to-load.png"), full_page=True)
+        raise
     page.keyboard.press("Enter")
     texts = wait_for(lambda: (t := assistant_texts(page)) and len(t) == 3 and all(x not in ("", "…") for x in t)
                      and page.locator('[data-testid="stStatusWidget"]').count() == 0 and t,
