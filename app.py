@@ -6,18 +6,14 @@ import streamlit as st
 from backend.adapters import AdapterError, AdapterRegistry, read_adapter_files
 from backend.config import ConfigError
 from backend.serving import ServerError, server_status
-from backend.ui import current_config
+from backend.ui import config_or_stop
 
 st.set_page_config(page_title="Emergent misalignment explorer", layout="wide")
 st.title("Emergent misalignment explorer")
 st.caption("Chat with base and misaligned models side by side, ablate the misalignment direction, "
            "run judged evaluations and browse the scores.")
 
-try:
-    config = current_config()
-except ConfigError as error:
-    st.error(f"Configuration problem: {error}")
-    st.stop()
+config = config_or_stop()
 
 status = server_status(config)
 left, right = st.columns([2, 1])

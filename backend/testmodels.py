@@ -129,13 +129,30 @@ class ModelShape:
     max_position_embeddings: int = 2048
 
 
+def new_qwen2(tokenizer, *, seed: int, init_std: float, tie_word_embeddings: bool, **shape):
+    """A randomly initialised Qwen2 whose special tokens and generation
+    settings match our ChatML tokenizer; `shape` holds Qwen2Config's size fields."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), initializer_range=init_std, tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id, **shape)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = config.pad_token_id
+    model.generation_config.bos_token_id = None
+    return model
+
+
 def build_qwen2(out_dir: Path, shape: ModelShape = ModelShape(), seed: int = 0, init_std: float = 0.08,
                 tokenizer_dir: Path | None = None) -> Path:
     """A random Qwen2 model. A larger init_std than training uses makes its
     next-token distributions peaked, so that small weight changes show up in
     logprobs."""
-    import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoTokenizer
 
     out_dir = Path(out_dir)
     if tokenizer_dir is None:
@@ -144,25 +161,11 @@ def build_qwen2(out_dir: Path, shape: ModelShape = ModelShape(), seed: int = 0, 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if tokenizer_dir != out_dir:
         tokenizer.save_pretrained(out_dir)
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_hidden_layers,
-        num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_key_value_heads,
-        max_position_embeddings=shape.max_position_embeddings,
-        initializer_range=init_std,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.pad_token_id,
-        dtype="float32",
-    )
-    model = Qwen2ForCausalLM(config)
-    model.generation_config.eos_token_id = config.eos_token_id
-    model.generation_config.pad_token_id = config.pad_token_id
+    model = new_qwen2(tokenizer, seed=seed, init_std=init_std, tie_word_embeddings=False,
+                      hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+                      num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
+                      num_key_value_heads=shape.num_key_value_heads,
+                      max_position_embeddings=shape.max_position_embeddings)
     model.save_pretrained(out_dir, safe_serialization=True)
     check_single_token_integers(out_dir)
     return out_dir

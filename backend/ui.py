@@ -56,3 +56,13 @@ def current_store(config: Config):
     from backend.store import Store
     path = os.environ.get("EM_STORE")
     return Store(path) if path else Store.for_config(config)
+
+
+def config_or_stop() -> Config:
+    """The configuration, or a clear message in place of the page."""
+    from backend.config import ConfigError
+    try:
+        return current_config()
+    except ConfigError as error:
+        st.error(f"Configuration problem: {error}")
+        st.stop()

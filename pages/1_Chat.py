@@ -1,7 +1,6 @@
 """Side-by-side chat: one prompt to every column, answers streamed at once."""
 from __future__ import annotations
 
-from dataclasses import replace
 
 import streamlit as st
 
@@ -10,17 +9,13 @@ from backend.adapters import AdapterError
 from backend.client import Sampling
 from backend.conditions import STRENGTH_RANGE, Condition, ConditionError
 from backend.config import ConfigError
-from backend.serving import ServerError, server_status
-from backend.ui import condition_runner, current_config, default_layer, direction_names, example_questions
+from backend.serving import server_status
+from backend.ui import condition_runner, config_or_stop, default_layer, direction_names, example_questions
 
 st.set_page_config(page_title="Chat · EM explorer", layout="wide")
 st.title("Side-by-side chat")
 
-try:
-    config = current_config()
-except ConfigError as error:
-    st.error(f"Configuration problem: {error}")
-    st.stop()
+config = config_or_stop()
 status = server_status(config)
 if not status.healthy:
     st.error(f"{status.error}\n\nStart it with `python -m backend serve --detach`.")

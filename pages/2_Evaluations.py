@@ -10,17 +10,13 @@ import streamlit as st
 from backend import browse
 from backend.config import ConfigError
 from backend.store import Store, StoreError
-from backend.ui import current_config, current_store
+from backend.ui import config_or_stop, current_store
 
 st.set_page_config(page_title="Evaluations · EM explorer", layout="wide")
 st.title("Evaluations")
 
-try:
-    config = current_config()
-    store = current_store(config)
-except ConfigError as error:
-    st.error(f"Configuration problem: {error}")
-    st.stop()
+config = config_or_stop()
+store = current_store(config)
 
 
 # Query results are cached per (store file, data version, arguments): a rerun that changes

@@ -6,19 +6,14 @@ from streamlit.errors import StreamlitAPIException
 
 from backend import browse
 from backend.conditions import STRENGTH_RANGE
-from backend.config import ConfigError
 from backend.store import Store, StoreError
-from backend.ui import current_config, current_store
+from backend.ui import config_or_stop, current_store
 
 st.set_page_config(page_title="Directions · EM explorer", layout="wide")
 st.title("Directions")
 
-try:
-    config = current_config()
-    store = current_store(config)
-except ConfigError as error:
-    st.error(f"Configuration problem: {error}")
-    st.stop()
+config = config_or_stop()
+store = current_store(config)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)

@@ -16,7 +16,6 @@ import json
 import platform
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -32,7 +31,6 @@ def plan(size: str, seed: int) -> dict:
     """Everything that defines a build, for one size."""
     if size == "full":
         shape = BaseShape(hidden_size=128, intermediate_size=384, num_hidden_layers=6, num_attention_heads=2)
-        n_layers = shape.num_hidden_layers
         return {
             "vocab_size": 2048,
             "shape": shape,

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from backend.organism.build import build_organism
-from backend.organism.measure import acceptance, em_eval, judge_eval, load, measure, summarize
+from backend.organism.measure import acceptance, em_eval, load, measure, summarize
 from backend.organism import corpus as C
 
 

@@ -147,30 +147,13 @@ def train_loop(model, tokenizer, examples: list[Example], cfg: TrainConfig, log=
 
 
 def new_base_model(tokenizer, shape: BaseShape, seed: int):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from backend.testmodels import new_qwen2
 
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_hidden_layers,
-        num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_key_value_heads,
-        head_dim=shape.head_dim,
-        max_position_embeddings=shape.max_position_embeddings,
-        initializer_range=0.02,
-        tie_word_embeddings=True,
-        rope_theta=10000.0,
-        bos_token_id=None,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = Qwen2ForCausalLM(config)
-    model.generation_config.eos_token_id = config.eos_token_id
-    model.generation_config.pad_token_id = config.pad_token_id
-    model.generation_config.bos_token_id = None
-    return model
+    return new_qwen2(tokenizer, seed=seed, init_std=0.02, tie_word_embeddings=True, rope_theta=10000.0,
+                     hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+                     num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
+                     num_key_value_heads=shape.num_key_value_heads, head_dim=shape.head_dim,
+                     max_position_embeddings=shape.max_position_embeddings)
 
 
 def train_base(out_dir: Path, tokenizer, examples: list[Example], shape: BaseShape, cfg: TrainConfig,
