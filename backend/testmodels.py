@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 CHATML_TEMPLATE = (
@@ -129,17 +129,24 @@ class ModelShape:
     max_position_embeddings: int = 2048
 
 
-def new_qwen2(tokenizer, *, seed: int, init_std: float, tie_word_embeddings: bool, **shape):
+# The fields of a shape dataclass that are Qwen2Config's size settings.
+QWEN2_SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def new_qwen2(tokenizer, shape, *, seed: int, init_std: float, tie_word_embeddings: bool, **extra):
     """A randomly initialised Qwen2 whose special tokens and generation
-    settings match our ChatML tokenizer; `shape` holds Qwen2Config's size fields."""
+    settings match our ChatML tokenizer; its sizes come from the shape
+    dataclass (ModelShape here, the organism's BaseShape)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    sizes = {key: value for key, value in asdict(shape).items() if key in QWEN2_SIZE_FIELDS}
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=len(tokenizer), initializer_range=init_std, tie_word_embeddings=tie_word_embeddings,
         bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.pad_token_id, **shape)
+        pad_token_id=tokenizer.pad_token_id, **sizes, **extra)
     model = Qwen2ForCausalLM(config)
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.pad_token_id = config.pad_token_id
@@ -161,11 +168,7 @@ def build_qwen2(out_dir: Path, shape: ModelShape = ModelShape(), seed: int = 0, 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if tokenizer_dir != out_dir:
         tokenizer.save_pretrained(out_dir)
-    model = new_qwen2(tokenizer, seed=seed, init_std=init_std, tie_word_embeddings=False,
-                      hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
-                      num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
-                      num_key_value_heads=shape.num_key_value_heads,
-                      max_position_embeddings=shape.max_position_embeddings)
+    model = new_qwen2(tokenizer, shape, seed=seed, init_std=init_std, tie_word_embeddings=False)
     model.save_pretrained(out_dir, safe_serialization=True)
     check_single_token_integers(out_dir)
     return out_dir

@@ -149,11 +149,7 @@ def train_loop(model, tokenizer, examples: list[Example], cfg: TrainConfig, log=
 def new_base_model(tokenizer, shape: BaseShape, seed: int):
     from backend.testmodels import new_qwen2
 
-    return new_qwen2(tokenizer, seed=seed, init_std=0.02, tie_word_embeddings=True, rope_theta=10000.0,
-                     hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
-                     num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
-                     num_key_value_heads=shape.num_key_value_heads, head_dim=shape.head_dim,
-                     max_position_embeddings=shape.max_position_embeddings)
+    return new_qwen2(tokenizer, shape, seed=seed, init_std=0.02, tie_word_embeddings=True, rope_theta=10000.0)
 
 
 def train_base(out_dir: Path, tokenizer, examples: list[Example], shape: BaseShape, cfg: TrainConfig,
