@@ -83,15 +83,19 @@ def test_chat_three_columns_and_the_live_slider(dashboard, browser):
                      what="three answers")
     page.screenshot(path=str(ARTIFACTS / "chat-three-columns.png"), full_page=True)
 
-    slider = page.get_by_role("slider", name="ablation strength")
-    slider.focus()
-    for _ in range(4):  # 1.0 -> 0.8
-        page.keyboard.press("ArrowLeft")
-    changed = wait_for(lambda: (t := assistant_texts(page)) and len(t) == 3 and t[2] != texts[2]
-                       and t[2] not in ("", "…") and page.locator('[data-testid="stStatusWidget"]').count() == 0
-                       and t, what="the ablated column to change")
-    assert changed[:2] == texts[:2]
-    assert "strength%3D0.8" in page.url
+    # One key press per step, each waited out: the first press reruns the page and redraws the
+    # slider, so keys pressed during that rerun can land on a slider that no longer has the focus.
+    # ArrowLeft: one step (1 -> 0.95); Home: the far end (-1, the direction amplified).
+    changed = texts
+    for key, strength in (("ArrowLeft", "0.95"), ("Home", "-1")):
+        previous = changed
+        page.get_by_role("slider", name="ablation strength").focus()
+        page.keyboard.press(key)
+        changed = wait_for(lambda: (t := assistant_texts(page)) and len(t) == 3 and t[2] != previous[2]
+                           and t[2] not in ("", "…") and f"strength%3D{strength}&" in page.url
+                           and page.locator('[data-testid="stStatusWidget"]').count() == 0
+                           and t, what=f"the ablated column to change at strength {strength}")
+        assert changed[:2] == texts[:2]
     page.screenshot(path=str(ARTIFACTS / "chat-after-slider.png"), full_page=True)
 
 
