@@ -158,10 +158,16 @@ class BaseShape:
         }[module]
 
 
-def check_compatible(files: AdapterFiles, base: BaseShape, max_lora_rank: int | None) -> None:
+def check_compatible(files: AdapterFiles, base: BaseShape, max_lora_rank: int | None,
+                     served_modules: list[str] | None = None) -> None:
     if max_lora_rank is not None and files.max_rank > max_lora_rank:
         raise AdapterError(f"adapter {files.name!r}: rank {files.max_rank} is above the server's "
                            f"max LoRA rank {max_lora_rank} (raise server.max_lora_rank and restart)")
+    missing = sorted(set(files.target_modules) - set(served_modules)) if served_modules is not None else []
+    if missing:
+        raise AdapterError(f"adapter {files.name!r}: targets {', '.join(missing)}, but the server has LoRA layers "
+                           f"only on {', '.join(served_modules)} (add the adapter to the configuration, or set "
+                           "server.lora_target_modules = \"all\", and restart)")
     for (layer, module), (_, in_features, out_features) in sorted(files.modules.items()):
         if layer >= base.num_layers:
             raise AdapterError(f"adapter {files.name!r}: made for another base model: it has layer {layer} "
@@ -212,11 +218,13 @@ class AdapterRegistry:
             tmp.write_text(json.dumps(record, indent=2))
             tmp.replace(self._record_path)
 
-    def _limits(self) -> tuple[int | None, int]:
+    def _limits(self) -> tuple[int | None, int, list[str] | None]:
+        """(max LoRA rank, adapters held, modules with LoRA layers) of the server; for a server
+        we did not start, what the configuration says (None: not known)."""
         state = read_state(self.config)
         if state and state.url == self.url:
-            return state.max_lora_rank, state.max_cpu_loras
-        return self.config.server.max_lora_rank, self.config.server.max_cpu_loras
+            return state.max_lora_rank, state.max_cpu_loras, state.lora_target_modules
+        return self.config.server.max_lora_rank, self.config.server.max_cpu_loras, None
 
     def served(self) -> dict[str, str]:
         """name -> path of the adapters the server holds now."""
@@ -238,8 +246,8 @@ class AdapterRegistry:
     def inspect(self, name: str, path: str | None = None) -> AdapterFiles:
         """Read and check an adapter against the base model and server limits."""
         files = read_adapter_files(name, path or self.config.adapter_path(name))
-        max_rank, _ = self._limits()
-        check_compatible(files, BaseShape.from_model(self.config.base_model_path), max_rank)
+        max_rank, _, served_modules = self._limits()
+        check_compatible(files, BaseShape.from_model(self.config.base_model_path), max_rank, served_modules)
         return files
 
     def load(self, name: str, path: str | None = None) -> AdapterFiles:
@@ -248,7 +256,7 @@ class AdapterRegistry:
         if served.get(name) == files.path:
             self.touch(name)
             return files
-        _, capacity = self._limits()
+        _, capacity, _ = self._limits()
         if name in served:
             self._post("unload", {"lora_name": name})
             del served[name]
@@ -274,7 +282,7 @@ class AdapterRegistry:
         """Load again what the server held before it restarted, most recently used first."""
         with self._record() as record:
             wanted = sorted(record.items(), key=lambda item: -item[1].get("last_used", 0.0))
-        _, capacity = self._limits()
+        _, capacity, _ = self._limits()
         restored = []
         for name, entry in wanted[:capacity]:
             try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -37,6 +37,10 @@ class ServerConfig(_Strict):
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
     cpu_kvcache_gib: int = Field(1, ge=1)
     startup_timeout_s: float = Field(300, gt=0)
+    # Modules that get LoRA layers in vLLM. "auto": those of the configured adapters plus o_proj and
+    # down_proj (compiled ablations); "all": every linear module. vLLM runs the LoRA kernels on every
+    # module it wraps, whether the active adapter has weights there or not, so fewer is faster.
+    lora_target_modules: Literal["auto", "all"] | list[str] = "auto"
     extra_args: list[str] = []
 
     @property

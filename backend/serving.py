@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -43,6 +43,9 @@ class ServerState:
     max_cpu_loras: int
     device: str
     started_at: float
+    # PEFT module names with LoRA layers on this server; None: every linear module.
+    lora_target_modules: list[str] | None = None
+    startup_s: float | None = None  # from launch to the first healthy answer
 
 
 @dataclass
@@ -146,6 +149,53 @@ def required_lora_rank(config: Config) -> int:
     raise ServerError(f"an adapter needs LoRA rank {needed}, above vLLM's largest ({VLLM_LORA_RANKS[-1]})")
 
 
+# vLLM's own names of the modules it wraps with LoRA: q/k/v and gate/up are packed into one layer each.
+VLLM_LORA_MODULES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "o_proj": "o_proj",
+                     "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
+# What a compiled ablation adds to any adapter: the writers into the residual stream.
+ABLATION_MODULES = ("o_proj", "down_proj")
+
+
+def lora_target_modules(config: Config) -> list[str] | None:
+    """The PEFT module names that get LoRA layers on the server; None: all of them."""
+    from backend.adapters import AdapterError, read_adapter_files  # adapters needs serving: import late
+
+    chosen = config.server.lora_target_modules
+    if chosen == "all":
+        return None
+    if chosen == "auto":
+        modules = set(ABLATION_MODULES)
+        for name in config.adapters:
+            try:
+                modules |= set(read_adapter_files(name, config.adapter_path(name)).target_modules)
+            except (AdapterError, ConfigError):
+                continue  # a broken adapter is reported when it is loaded, not here
+    else:
+        modules = set(chosen)
+        unknown = modules - set(VLLM_LORA_MODULES)
+        if unknown:
+            raise ConfigError(f"key 'server.lora_target_modules': {', '.join(sorted(unknown))} cannot carry LoRA "
+                              f"in vLLM (choose from {', '.join(VLLM_LORA_MODULES)}, or \"auto\" or \"all\")")
+    # A packed vLLM layer serves all of its parts.
+    packed = {VLLM_LORA_MODULES[m] for m in modules}
+    modules = {m for m, layer in VLLM_LORA_MODULES.items() if layer in packed}
+    return None if modules == set(VLLM_LORA_MODULES) else sorted(modules)
+
+
+def vllm_knows_flag(flag: str) -> bool:
+    """Whether the installed vLLM's engine arguments include this flag (read from its
+    source, so that asking costs no import of vLLM)."""
+    from importlib.util import find_spec
+    spec = find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    source = Path(next(iter(spec.submodule_search_locations))) / "engine" / "arg_utils.py"
+    try:
+        return f'"{flag}"' in source.read_text()
+    except OSError:
+        return False
+
+
 def vllm_command(config: Config, port: int, device: str) -> tuple[list[str], dict[str, str]]:
     server = config.server
     argv = [
@@ -162,6 +212,9 @@ def vllm_command(config: Config, port: int, device: str) -> tuple[list[str], dic
         "--gpu-memory-utilization", str(server.gpu_memory_utilization or (0.85 if device == "cuda" else 0.3)),
         "--disable-uvicorn-access-log",
     ]
+    targets = lora_target_modules(config)
+    if targets is not None and vllm_knows_flag("--lora-target-modules"):
+        argv += ["--lora-target-modules", *sorted({VLLM_LORA_MODULES[m] for m in targets})]
     if server.api_key:
         argv += ["--api-key", server.api_key]
     if device == "cpu":
@@ -233,6 +286,7 @@ def start_server(config: Config, *, port: int | None = None, detach: bool = True
         base_model=config.base_model_path, max_lora_rank=int(argv[argv.index("--max-lora-rank") + 1]),
         max_loras=config.server.max_loras, max_cpu_loras=max(config.server.max_cpu_loras, config.server.max_loras),
         device=device, started_at=time.time(),
+        lora_target_modules=lora_target_modules(config) if "--lora-target-modules" in argv else None,
     )
     deadline = time.monotonic() + config.server.startup_timeout_s
     while not is_healthy(state.url, auth_headers(config)):
@@ -244,6 +298,7 @@ def start_server(config: Config, *, port: int | None = None, detach: bool = True
             raise ServerError(f"vLLM did not become healthy within {config.server.startup_timeout_s:.0f} s; "
                               f"last lines of {log_path}:\n" + _log_tail(log_path))
         time.sleep(0.5)
+    state = replace(state, startup_s=round(time.time() - state.started_at, 1))
     state_path(config).write_text(json.dumps(asdict(state), indent=2))
     return state
 

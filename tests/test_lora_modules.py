@@ -1,0 +1,108 @@
+"""LoRA layers only where adapters need them (server.lora_target_modules): the flag that vLLM
+gets, a real server started with it, and the clear refusal of an adapter it cannot serve."""
+import httpx
+import pytest
+
+from backend.adapters import AdapterError, AdapterRegistry
+from backend.config import ConfigError
+from backend.serving import lora_target_modules, start_server, stop_server, vllm_command
+
+from conftest import free_port, write_config
+
+
+def flag_values(argv: list[str]) -> list[str] | None:
+    if "--lora-target-modules" not in argv:
+        return None
+    start = argv.index("--lora-target-modules") + 1
+    values = []
+    for value in argv[start:]:
+        if value.startswith("--"):
+            break
+        values.append(value)
+    return values
+
+
+def test_auto_takes_the_adapters_modules_and_the_ablation_writers(tmp_path, tiny_models):
+    config = write_config(tmp_path, tiny_models["base"], {"em": tiny_models["em-rank1"]}, free_port())
+    assert lora_target_modules(config) == ["down_proj", "o_proj"]
+    assert flag_values(vllm_command(config, 1, "cpu")[0]) == ["down_proj", "o_proj"]
+
+
+def test_an_all_linear_adapter_or_all_means_no_restriction(tmp_path, tiny_models):
+    every = write_config(tmp_path / "a", tiny_models["base"], {"em": tiny_models["em-rank8"]}, free_port())
+    assert lora_target_modules(every) is None
+    assert flag_values(vllm_command(every, 1, "cpu")[0]) is None
+    forced = write_config(tmp_path / "b", tiny_models["base"], {"em": tiny_models["em-rank1"]}, free_port(),
+                          lora_target_modules="all")
+    assert flag_values(vllm_command(forced, 1, "cpu")[0]) is None
+
+
+def test_a_list_is_completed_to_vllms_packed_layers(tmp_path, tiny_models):
+    config = write_config(tmp_path, tiny_models["base"], {}, free_port(), lora_target_modules=["q_proj", "down_proj"])
+    # vLLM packs q, k and v into one layer: LoRA on q_proj means LoRA on all three.
+    assert lora_target_modules(config) == ["down_proj", "k_proj", "q_proj", "v_proj"]
+    assert flag_values(vllm_command(config, 1, "cpu")[0]) == ["down_proj", "qkv_proj"]
+
+
+def test_an_unknown_module_names_the_key(tmp_path, tiny_models):
+    config = write_config(tmp_path, tiny_models["base"], {}, free_port(), lora_target_modules=["lm_head"])
+    with pytest.raises(ConfigError, match="server.lora_target_modules.*lm_head"):
+        lora_target_modules(config)
+
+
+@pytest.fixture(scope="module")
+def restricted_server(tiny_models, tmp_path_factory):
+    config = write_config(tmp_path_factory.mktemp("restricted"), tiny_models["base"],
+                          {"em-rank1": tiny_models["em-rank1"]}, free_port(), dtype="float32")
+    state = start_server(config)
+    yield config, state
+    stop_server(config)
+
+
+def completion_logprobs(url: str, model: str) -> list[float]:
+    response = httpx.post(f"{url}/v1/completions", timeout=120, json={
+        "model": model, "prompt": "Should I invest my savings in crypto today?", "max_tokens": 1,
+        "temperature": 0, "prompt_logprobs": 0})
+    response.raise_for_status()
+    return [next(iter(e.values()))["logprob"] for e in response.json()["choices"][0]["prompt_logprobs"][1:]]
+
+
+def test_a_restricted_server_serves_its_adapter_and_refuses_one_it_cannot(restricted_server, tiny_models):
+    config, state = restricted_server
+    assert state.lora_target_modules == ["down_proj", "o_proj"]
+    registry = AdapterRegistry(config)
+    registry.load("em-rank1")
+    base = completion_logprobs(state.url, config.base_model_path)
+    adapted = completion_logprobs(state.url, "em-rank1")
+    assert max(abs(a - b) for a, b in zip(base, adapted)) > 1e-3
+    with pytest.raises(AdapterError, match="em-rank8.*targets gate_proj.*only on down_proj, o_proj"):
+        registry.load("em-rank8", str(tiny_models["em-rank8"]))
+    assert "em-rank8" not in registry.served()
+    assert completion_logprobs(state.url, "em-rank1") == pytest.approx(adapted, abs=1e-5)
+
+
+def test_a_compiled_ablation_on_a_restricted_server_matches_the_hook_reference(restricted_server, tiny_models,
+                                                                               tmp_path):
+    from test_ablation import LAYER, PROMPT, reference, served_prompt_logprobs
+
+    from backend.ablation import AblationCompiler
+    from backend.activations import Example, answer_activation_sums, load_model
+    from backend.directions import BaseModelInfo, Direction
+
+    config, state = restricted_server
+    model, tokenizer = load_model(tiny_models["base"])
+    base = BaseModelInfo.from_path(tiny_models["base"])
+    stats = answer_activation_sums(model, tokenizer, [Example("How do I invest?", "Never put money in crypto.")])
+    direction = Direction("mean-resid", stats.mean(), base.path, base.fingerprint)
+    ids = tokenizer.encode(PROMPT, add_special_tokens=False)[:32]
+    built = AblationCompiler(tmp_path).build(tiny_models["base"], direction, LAYER, 1.0, tiny_models["em-rank1"],
+                                             "em-rank1")
+    AdapterRegistry(config).load(built.served_name, str(built.path))
+
+    class Server:
+        base_url = state.url
+
+    served = served_prompt_logprobs(Server, built.served_name, ids)
+    want = reference(tiny_models, "em-rank1", ids, direction.unit(LAYER), 1.0)
+    assert (want - reference(tiny_models, "em-rank1", ids, direction.unit(LAYER), None)).abs().max() > 0.1
+    assert (served - want).abs().max().item() <= 0.02
