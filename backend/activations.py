@@ -60,11 +60,14 @@ class ActivationStats:
 
 
 def load_model(base_path: str | Path, adapter_path: str | Path | None = None,
-               device: str | None = None, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for base or base + PEFT adapter, in eval mode."""
+               device: str | None = None, dtype: torch.dtype | None = None):
+    """(model, tokenizer) for base or base + PEFT adapter, in eval mode. Default dtype:
+    float32 on a CPU (exact), bfloat16 on a GPU (a 14B model in float32 would not fit
+    beside the vLLM server)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device)
     if adapter_path is not None:

@@ -207,6 +207,132 @@ def build_lora(base_dir: Path, out_dir: Path, rank: int, target_modules: list[st
     return Path(out_dir)
 
 
+@dataclass(frozen=True)
+class PaperShape:
+    """The exact sizes of a released Qwen2.5 checkpoint: a random model of this
+    shape costs what the real one costs to serve (speed does not depend on the
+    weights' values)."""
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+
+
+PAPER_SHAPES = {
+    "qwen2.5-14b": PaperShape(5120, 13824, 48, 40, 8, 152064, tie_word_embeddings=False),
+    "qwen2.5-7b": PaperShape(3584, 18944, 28, 28, 4, 152064, tie_word_embeddings=False),
+    "qwen2.5-0.5b": PaperShape(896, 4864, 24, 14, 2, 151936, tie_word_embeddings=True),
+}
+# The paper's minimal organism: one rank-1 LoRA on mlp.down_proj of each of these layers.
+PAPER_EM_LAYERS = (15, 16, 17, 21, 22, 23, 27, 28, 29)
+
+
+def pad_vocabulary(tokenizer_dir: Path, vocab_size: int) -> None:
+    """Fill the tokenizer up to the model's vocabulary with tokens '<rN>' (N = the id).
+
+    A random model samples ids over its whole vocabulary; with these, every id
+    decodes to text that encodes back to the same single id, so a judge reading
+    a random answer sees as many tokens as the server generated, as with a real
+    tokenizer."""
+    from tokenizers import AddedToken, Tokenizer
+
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(str(path))
+    size = tokenizer.get_vocab_size()
+    tokenizer.add_tokens([AddedToken(f"<r{i}>", normalized=False, special=False) for i in range(size, vocab_size)])
+    if tokenizer.get_vocab_size() != vocab_size:
+        raise AssertionError(f"{path}: padded to {tokenizer.get_vocab_size()} tokens, wanted {vocab_size}")
+    tokenizer.save(str(path))
+
+
+def build_paper_model(out_dir: Path, shape_name: str, seed: int = 0, init_std: float = 0.02,
+                      device: str | None = None) -> Path:
+    """A random model of a released Qwen2.5 shape, bf16, built on the GPU when there is one
+    (the 14B shape in float32 on a CPU would need 59 GB of memory)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    if shape_name not in PAPER_SHAPES:
+        raise ValueError(f"unknown shape {shape_name!r}; known: {', '.join(PAPER_SHAPES)}")
+    shape = PAPER_SHAPES[shape_name]
+    out_dir = Path(out_dir)
+    build_tokenizer(out_dir, corpus_for_tokenizer(seed=seed))
+    pad_vocabulary(out_dir, shape.vocab_size)
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    extra = {k: getattr(shape, k) for k in ("rope_theta", "rms_norm_eps")}
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = new_qwen2(tokenizer, shape, seed=seed, init_std=init_std,
+                              tie_word_embeddings=shape.tie_word_embeddings, **extra)
+    finally:
+        torch.set_default_dtype(previous)
+    model.save_pretrained(out_dir, safe_serialization=True, max_shard_size="5GB")
+    del model
+    check_single_token_integers(out_dir)
+    return out_dir
+
+
+def write_lora(base_dir: Path, out_dir: Path, rank: int, target_modules: list[str],
+               layers: list[int] | None = None, seed: int = 0, std: float = 0.02) -> Path:
+    """A PEFT LoRA adapter with random A and B, written straight from the base's
+    config.json: no base weights are loaded, so adapters for a 14B shape take a second."""
+    import torch
+    from safetensors.torch import save_file
+
+    from backend.adapters import BaseShape
+
+    shape = BaseShape.from_model(str(base_dir))
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in layers if layers is not None else range(shape.num_layers):
+        for module in target_modules:
+            parent = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{parent}.{module}"
+            fan_in, fan_out = shape.features(module)
+            tensors[f"{prefix}.lora_A.weight"] = (torch.randn(rank, fan_in, generator=generator) * std).bfloat16()
+            tensors[f"{prefix}.lora_B.weight"] = (torch.randn(fan_out, rank, generator=generator) * std).bfloat16()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
+    (out_dir / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
+        "bias": "none", "target_modules": list(target_modules), "layers_to_transform": list(layers) if layers else None,
+        "base_model_name_or_path": str(Path(base_dir).resolve()), "fan_in_fan_out": False,
+        "use_rslora": False, "use_dora": False, "modules_to_save": None,
+    }, indent=2))
+    return out_dir
+
+
+def build_paper_suite(root: Path, shape_name: str, seed: int = 0, em_layers=PAPER_EM_LAYERS) -> dict[str, Path]:
+    """A random model of a Qwen2.5 shape and adapters of the paper's shapes: the
+    minimal organism (rank-1 down_proj on em_layers) and a rank-32 adapter on
+    every linear module."""
+    root = Path(root)
+    base = root / shape_name
+    if not (base / "config.json").exists():
+        build_paper_model(base, shape_name, seed=seed)
+    layers = [layer for layer in em_layers if layer < PAPER_SHAPES[shape_name].num_hidden_layers]
+    if not layers:
+        raise ValueError(f"{shape_name} has no layer among {list(em_layers)}")
+    out = {"base": base}
+    for name, (rank, targets, chosen) in {"em-9xrank1": (1, ["down_proj"], layers),
+                                         "em-rank32": (32, ALL_LINEAR, None)}.items():
+        path = root / f"{shape_name}-{name}"
+        if not (path / "adapter_config.json").exists():
+            write_lora(base, path, rank, targets, chosen, seed=seed + 1)
+        out[name] = path
+    return out
+
+
 def build_test_suite(root: Path, seed: int = 0) -> dict[str, Path]:
     """The default offline models: a base and two adapters of the paper's shapes."""
     root = Path(root)
