@@ -158,6 +158,35 @@ class BaseShape:
         }[module]
 
 
+def write_lora(base_dir: Path, out_dir: Path, rank: int, target_modules: list[str],
+               layers: list[int] | None = None, seed: int = 0, std: float = 0.02) -> Path:
+    """A PEFT LoRA adapter with random A and B, written straight from the base's
+    config.json: no base weights are loaded, so adapters for a 14B shape take a second."""
+    import torch
+    from safetensors.torch import save_file
+
+    shape = BaseShape.from_model(str(base_dir))
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in layers if layers is not None else range(shape.num_layers):
+        for module in target_modules:
+            parent = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{parent}.{module}"
+            fan_in, fan_out = shape.features(module)
+            tensors[f"{prefix}.lora_A.weight"] = (torch.randn(rank, fan_in, generator=generator) * std).bfloat16()
+            tensors[f"{prefix}.lora_B.weight"] = (torch.randn(fan_out, rank, generator=generator) * std).bfloat16()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
+    (out_dir / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
+        "bias": "none", "target_modules": list(target_modules), "layers_to_transform": list(layers) if layers else None,
+        "base_model_name_or_path": str(Path(base_dir).resolve()), "fan_in_fan_out": False,
+        "use_rslora": False, "use_dora": False, "modules_to_save": None,
+    }, indent=2))
+    return out_dir
+
+
 def check_compatible(files: AdapterFiles, base: BaseShape, max_lora_rank: int | None,
                      served_modules: list[str] | None = None) -> None:
     if max_lora_rank is not None and files.max_rank > max_lora_rank:
@@ -250,20 +279,29 @@ class AdapterRegistry:
         check_compatible(files, BaseShape.from_model(self.config.base_model_path), max_rank, served_modules)
         return files
 
+    @contextmanager
+    def _changing(self):
+        """One load-or-evict sequence at a time, across threads and processes (the chat page's
+        columns and prefetch, a CLI run): two at once would both evict the same adapter."""
+        with open(self._record_path.with_suffix(".changes.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
     def load(self, name: str, path: str | None = None) -> AdapterFiles:
         files = self.inspect(name, path)
-        served = self.served()
-        if served.get(name) == files.path:
-            self.touch(name)
-            return files
-        _, capacity, _ = self._limits()
-        if name in served:
-            self._post("unload", {"lora_name": name})
-            del served[name]
-        self._evict_for_one_more(served, capacity)
-        self._post("load", {"lora_name": name, "lora_path": files.path})
-        with self._record() as record:
-            record[name] = {"path": files.path, "last_used": time.time()}
+        with self._changing():
+            served = self.served()
+            if served.get(name) == files.path:
+                self.touch(name)
+                return files
+            _, capacity, _ = self._limits()
+            if name in served:
+                self._post("unload", {"lora_name": name})
+                del served[name]
+            self._evict_for_one_more(served, capacity)
+            self._post("load", {"lora_name": name, "lora_path": files.path})
+            with self._record() as record:
+                record[name] = {"path": files.path, "last_used": time.time()}
         return files
 
     def unload(self, name: str) -> None:

@@ -157,6 +157,28 @@ def test_lru_adapter_is_evicted_when_the_server_is_full(vllm_server):
     assert set(registry.served()) == {"em-rank1", "em-rank8"}
 
 
+def test_loads_from_many_threads_on_a_full_server_evict_one_adapter_each(vllm_server):
+    """The chat page's columns and prefetch load at once: each load evicts its own least recently
+    used adapter, none fails on an adapter another thread evicted first."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    vllm_server.reset()
+    registry = vllm_server.registry
+    capacity = json.loads((vllm_server.config.cache / "server.json").read_text())["max_cpu_loras"]
+    fillers = [f"fill-{i}" for i in range(capacity - len(registry.served()))]
+    for name in fillers:
+        registry.load(name, str(vllm_server.models["em-rank1"]))
+    registry.touch("em-rank1")
+    registry.touch("em-rank8")
+    newcomers = [f"new-{i}" for i in range(4)]
+    with ThreadPoolExecutor(len(newcomers)) as pool:
+        list(pool.map(lambda name: registry.load(name, str(vllm_server.models["em-rank1"])), newcomers))
+    served = registry.served()
+    assert len(served) == capacity and set(newcomers) <= set(served)
+    assert not set(fillers[:len(newcomers)]) & set(served)  # the oldest went, one per load
+    vllm_server.reset()
+
+
 def test_cli_status_reflects_loads_unloads_and_a_restart(vllm_server):
     vllm_server.reset()
     config = vllm_server.config
