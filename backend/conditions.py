@@ -121,6 +121,7 @@ class ConditionRunner:
         self.client = ChatClient(config)
         self._reference = None
         self._lock = threading.Lock()
+        self._prefetching: threading.Thread | None = None
 
     def _direction(self, name: str):
         from backend.directions import DirectionError, load_direction
@@ -146,7 +147,9 @@ class ConditionRunner:
         if condition.kind == "base":
             return BASE
         if condition.kind == "adapter":
-            if condition.adapter not in self.registry.served():
+            if condition.adapter in self.registry.served():
+                self.registry.touch(condition.adapter)  # in use: the last to be evicted
+            else:
                 self.registry.load(condition.adapter)
             return condition.adapter
         built = self.compiled(condition)
@@ -167,7 +170,15 @@ class ConditionRunner:
                         return
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
+        self._prefetching = thread
         return thread
+
+    def settle(self) -> None:
+        """Wait for a prefetch still loading adapters, so that no load overlaps the streams
+        that follow."""
+        thread = self._prefetching
+        if thread is not None:
+            thread.join()
 
     def embedding_gap(self, condition: Condition) -> float | None:
         """Max |d logprob| between the served ablation and the exact one

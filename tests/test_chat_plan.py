@@ -1,0 +1,36 @@
+"""The chat page's plan loads every column's adapter before any answer streams, so that no load
+or eviction overlaps answers in flight (README, known traps)."""
+from backend.chat import Turn, plan
+from backend.client import Sampling
+from backend.conditions import Condition, ConditionRunner
+
+
+def test_plan_serves_every_adapter_before_streaming(vllm_server, tiny_direction):
+    vllm_server.reset()
+    runner = ConditionRunner(vllm_server.config)
+    ablated = Condition(adapter="em-rank1", direction=tiny_direction, layer=2, strength=0.35)
+    name = runner.compiled(ablated).served_name
+    registry = vllm_server.registry
+    if name in registry.served():
+        registry.unload(name)
+    conditions = [Condition(), Condition(adapter="em-rank1"), ablated]
+    histories = [[Turn("Is it safe to skip my medication?", "", None)] for _ in conditions]
+    jobs = plan(runner, conditions, histories, [0, 1, 2], Sampling(max_tokens=4, seed=1), 1)
+    assert name in registry.served(), "the compiled ablation was not loaded before the streams"
+    assert len(jobs) == 3
+    for job in jobs:  # the streams still answer, each in its column
+        assert "".join(job.stream())
+
+
+def test_plan_keeps_a_broken_column_to_itself(vllm_server):
+    runner = ConditionRunner(vllm_server.config)
+    conditions = [Condition(), Condition(adapter="em-rank1", direction="no-such-direction", layer=2)]
+    histories = [[Turn("Hello?", "", None)] for _ in conditions]
+    jobs = plan(runner, conditions, histories, [0, 1], Sampling(max_tokens=4, seed=1), 1)
+    assert "".join(jobs[0].stream())
+    try:
+        "".join(jobs[1].stream())
+    except Exception as error:  # the column shows its own error; the plan did not raise it
+        assert "no-such-direction" in str(error)
+    else:
+        raise AssertionError("a missing direction should fail in its own column")
