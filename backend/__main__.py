@@ -60,6 +60,9 @@ def cmd_status(args) -> int:
         lines.append(f"  {status.error}")
     if status.healthy:
         lines.append(f"base model: {status.base_model}")
+        if status.managed:
+            lines.append(f"LoRA: rank <= {status.max_lora_rank}, layers on "
+                         f"{', '.join(status.lora_target_modules or ['every linear module'])}")
         lines += [f"adapter: {a['name']} ({a['path']})" for a in status.adapters] or ["adapters: none loaded"]
     _print(status.to_dict(), args.json, "\n".join(lines))
     return 0 if status.healthy else 1

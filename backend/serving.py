@@ -59,6 +59,7 @@ class ServerStatus:
     device: str | None = None
     max_lora_rank: int | None = None
     max_cpu_loras: int | None = None
+    lora_target_modules: list[str] | None = None  # None: every linear module (or not known)
     error: str | None = None
 
     def to_dict(self) -> dict:
@@ -338,7 +339,8 @@ def server_status(config: Config) -> ServerStatus:
     status = ServerStatus(url=url, healthy=False, managed=managed, pid=state.pid if managed else None,
                           device=state.device if managed else None,
                           max_lora_rank=state.max_lora_rank if managed else config.server.max_lora_rank,
-                          max_cpu_loras=state.max_cpu_loras if managed else config.server.max_cpu_loras)
+                          max_cpu_loras=state.max_cpu_loras if managed else config.server.max_cpu_loras,
+                          lora_target_modules=state.lora_target_modules if managed else None)
     try:
         response = httpx.get(f"{url}/v1/models", headers=auth_headers(config), timeout=5)
         response.raise_for_status()

@@ -281,37 +281,6 @@ def build_paper_model(out_dir: Path, shape_name: str, seed: int = 0, init_std: f
     return out_dir
 
 
-def write_lora(base_dir: Path, out_dir: Path, rank: int, target_modules: list[str],
-               layers: list[int] | None = None, seed: int = 0, std: float = 0.02) -> Path:
-    """A PEFT LoRA adapter with random A and B, written straight from the base's
-    config.json: no base weights are loaded, so adapters for a 14B shape take a second."""
-    import torch
-    from safetensors.torch import save_file
-
-    from backend.adapters import BaseShape
-
-    shape = BaseShape.from_model(str(base_dir))
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in layers if layers is not None else range(shape.num_layers):
-        for module in target_modules:
-            parent = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            prefix = f"base_model.model.model.layers.{layer}.{parent}.{module}"
-            fan_in, fan_out = shape.features(module)
-            tensors[f"{prefix}.lora_A.weight"] = (torch.randn(rank, fan_in, generator=generator) * std).bfloat16()
-            tensors[f"{prefix}.lora_B.weight"] = (torch.randn(fan_out, rank, generator=generator) * std).bfloat16()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
-    (out_dir / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
-        "bias": "none", "target_modules": list(target_modules), "layers_to_transform": list(layers) if layers else None,
-        "base_model_name_or_path": str(Path(base_dir).resolve()), "fan_in_fan_out": False,
-        "use_rslora": False, "use_dora": False, "modules_to_save": None,
-    }, indent=2))
-    return out_dir
-
-
 def build_paper_suite(root: Path, shape_name: str, seed: int = 0, em_layers=PAPER_EM_LAYERS) -> dict[str, Path]:
     """A random model of a Qwen2.5 shape and adapters of the paper's shapes: the
     minimal organism (rank-1 down_proj on em_layers) and a rank-32 adapter on
@@ -320,6 +289,8 @@ def build_paper_suite(root: Path, shape_name: str, seed: int = 0, em_layers=PAPE
     base = root / shape_name
     if not (base / "config.json").exists():
         build_paper_model(base, shape_name, seed=seed)
+    from backend.adapters import write_lora
+
     layers = [layer for layer in em_layers if layer < PAPER_SHAPES[shape_name].num_hidden_layers]
     if not layers:
         raise ValueError(f"{shape_name} has no layer among {list(em_layers)}")

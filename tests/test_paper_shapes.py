@@ -3,8 +3,8 @@ Qwen2.5 shapes, and adapters of the paper's shapes written straight from a base'
 import httpx
 import pytest
 
-from backend.adapters import read_adapter_files
-from backend.testmodels import PAPER_EM_LAYERS, PAPER_SHAPES, write_lora
+from backend.adapters import read_adapter_files, write_lora
+from backend.testmodels import PAPER_EM_LAYERS, PAPER_SHAPES
 
 
 @pytest.mark.parametrize("name, low, high", [("qwen2.5-14b", 14.7e9, 14.8e9), ("qwen2.5-0.5b", 0.49e9, 0.50e9)])
