@@ -189,21 +189,34 @@ def max_gap(a: list[list[float]], b: list[list[float]]) -> float:
     return max(abs(x - y) for row_a, row_b in zip(a, b) for x, y in zip(row_a, row_b))
 
 
-async def decode_round(url: str, models: list[str], concurrency: int, prompt: list[int], new_tokens: int) -> dict:
-    """`concurrency` sequences at once, model i % len(models) for sequence i; tokens/s over the round."""
+async def completions_round(url: str, bodies: list[dict], counted: str) -> dict:
+    """Every body posted to /v1/completions at once; usage[counted] tokens per second over the round."""
     import httpx
-    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
+    limits = httpx.Limits(max_connections=len(bodies) + 8, max_keepalive_connections=len(bodies) + 8)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        async def one(index: int) -> int:
-            response = await client.post(f"{url}/v1/completions", json={
-                "model": models[index % len(models)], "prompt": prompt, "max_tokens": new_tokens,
-                "min_tokens": new_tokens, "ignore_eos": True, "temperature": 1.0, "top_p": 1.0})
+        async def one(body: dict) -> int:
+            response = await client.post(f"{url}/v1/completions", json=body)
             response.raise_for_status()
-            return response.json()["usage"]["completion_tokens"]
+            return response.json()["usage"][counted]
         started = time.perf_counter()
-        tokens = await asyncio.gather(*(one(i) for i in range(concurrency)))
+        tokens = await asyncio.gather(*(one(body) for body in bodies))
         seconds = time.perf_counter() - started
     return {"tokens": sum(tokens), "seconds": seconds, "tokens_per_s": sum(tokens) / seconds}
+
+
+def decode_round(url: str, models: list[str], concurrency: int, prompt: list[int], new_tokens: int) -> dict:
+    """`concurrency` sequences at once, model i % len(models) for sequence i."""
+    return asyncio.run(completions_round(url, [
+        {"model": models[index % len(models)], "prompt": prompt, "max_tokens": new_tokens, "min_tokens": new_tokens,
+         "ignore_eos": True, "temperature": 1.0, "top_p": 1.0} for index in range(concurrency)], "completion_tokens"))
+
+
+def prefill_round(url: str, model: str, concurrency: int, length: int, run: int) -> dict:
+    """Distinct prompts, within a round and across rounds: the prefix cache must serve none."""
+    prompts = [[(1000 + 7919 * ((run * concurrency + index) * length + i)) % 150000 + 1000 for i in range(length)]
+               for index in range(concurrency)]
+    return asyncio.run(completions_round(url, [{"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0}
+                                               for prompt in prompts], "prompt_tokens"))
 
 
 def decode_table(url: str, cases: dict[str, list[str]], concurrencies=None, runs: int | None = None) -> dict:
@@ -211,31 +224,14 @@ def decode_table(url: str, cases: dict[str, list[str]], concurrencies=None, runs
     prompt = list(range(1000, 1000 + PROMPT_TOKENS))
     table: dict[str, dict] = {}
     for case, models in cases.items():
-        asyncio.run(decode_round(url, models, 4, prompt, 8))  # warm-up: first batch of this adapter set
+        decode_round(url, models, 4, prompt, 8)  # warm-up: first batch of this adapter set
         for concurrency in concurrencies:
-            rounds = [asyncio.run(decode_round(url, models[run % len(models):] + models[:run % len(models)],
-                                               concurrency, prompt, NEW_TOKENS)) for run in range(runs)]
+            rounds = [decode_round(url, models[run % len(models):] + models[:run % len(models)], concurrency, prompt,
+                                   NEW_TOKENS) for run in range(runs)]
             rates = [r["tokens_per_s"] for r in rounds]
             table.setdefault(case, {})[str(concurrency)] = {"median": statistics.median(rates), "runs": rates}
             print(f"decode {case} x{concurrency}: {statistics.median(rates):.1f} tok/s {rates}", flush=True)
     return table
-
-
-async def prefill_round(url: str, model: str, concurrency: int, length: int, run: int) -> dict:
-    import httpx
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 8)) as client:
-        async def one(index: int) -> int:
-            # Distinct prompts, within a round and across rounds: the prefix cache must serve none.
-            prompt = [(1000 + 7919 * ((run * concurrency + index) * length + i)) % 150000 + 1000
-                      for i in range(length)]
-            response = await client.post(f"{url}/v1/completions", json={
-                "model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0})
-            response.raise_for_status()
-            return response.json()["usage"]["prompt_tokens"]
-        started = time.perf_counter()
-        tokens = await asyncio.gather(*(one(i) for i in range(concurrency)))
-        seconds = time.perf_counter() - started
-    return {"tokens": sum(tokens), "seconds": seconds, "tokens_per_s": sum(tokens) / seconds}
 
 
 def measure_correctness_and_slider(root, state, runner, reference, result, ablated, names, slider_trials) -> None:
@@ -313,7 +309,7 @@ def phase_serve(root: Path, slider_trials: int = 50, keep_server: bool = False) 
             "mixed (base, EM, EM + ablation)": [base_name, em_name, ablated_name]})
         save(root, "serve", result)
         concurrency, length = (2, 64) if SMOKE else (32, 1024)
-        prefill = [asyncio.run(prefill_round(state.url, base_name, concurrency, length, run)) for run in range(RUNS)]
+        prefill = [prefill_round(state.url, base_name, concurrency, length, run) for run in range(RUNS)]
         result["prefill"] = {"median": statistics.median(r["tokens_per_s"] for r in prefill), "runs": prefill,
                              "concurrency": concurrency, "prompt_tokens": length, "distinct_rounds": True}
     finally:
