@@ -298,7 +298,7 @@ def phase_serve(root: Path, slider_trials: int = 50, keep_server: bool = False) 
         previous = json.loads((p["results"] / "serve.json").read_text()) if (p["results"] / "serve.json").exists() else {}
         if "slider" in previous:  # a rerun after a failure later on keeps what was measured
             result.update({k: previous[k] for k in ("correctness", "slider", "startup_s")})
-        if "slider" not in previous:
+        else:
             measure_correctness_and_slider(root, state, runner, reference, result, ablated,
                                            (base_name, em_name, ablated_name), slider_trials)
 
