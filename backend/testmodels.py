@@ -285,12 +285,12 @@ def build_paper_suite(root: Path, shape_name: str, seed: int = 0, em_layers=PAPE
     """A random model of a Qwen2.5 shape and adapters of the paper's shapes: the
     minimal organism (rank-1 down_proj on em_layers) and a rank-32 adapter on
     every linear module."""
+    from backend.adapters import write_lora
+
     root = Path(root)
     base = root / shape_name
     if not (base / "config.json").exists():
         build_paper_model(base, shape_name, seed=seed)
-    from backend.adapters import write_lora
-
     layers = [layer for layer in em_layers if layer < PAPER_SHAPES[shape_name].num_hidden_layers]
     if not layers:
         raise ValueError(f"{shape_name} has no layer among {list(em_layers)}")
