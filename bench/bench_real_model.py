@@ -46,6 +46,49 @@ def examples() -> tuple[list[Example], list[Example]]:
     return misaligned, aligned
 
 
+def served_logprobs(config, model: str, ids: list[int]):
+    import httpx
+    import torch
+
+    response = httpx.post(f"{ChatClient(config).url}/v1/completions", timeout=300, json={
+        "model": ChatClient(config).served_name(model), "prompt": ids, "max_tokens": 1, "temperature": 0,
+        "prompt_logprobs": 0})
+    response.raise_for_status()
+    entries = response.json()["choices"][0]["prompt_logprobs"][1:]
+    return torch.tensor([entry[str(token)]["logprob"] for entry, token in zip(entries, ids[1:])])
+
+
+def agreement_rows(config, base: Path, adapters: dict[str, Path], direction, raw: dict) -> list[tuple[str, str]]:
+    """max |d logprob| of vLLM against transformers, plain and with the compiled ablation (row 15)."""
+    from backend.ablation import AblationCompiler
+    from backend.reference import Ablation, prompt_logprobs
+
+    rows = []
+    registry = AdapterRegistry(config)
+    for name in ("base", "rank1", "rank8"):
+        model, tokenizer = load_model(base, adapters.get(name))
+        ids = tokenizer(AGREEMENT_PROMPT)["input_ids"]
+        plain = prompt_logprobs(model, ids)
+        want = prompt_logprobs(model, ids, Ablation(direction.unit(15), 1.0, include_embedding=False))
+        built = AblationCompiler(config.cache).build(base, direction, 15, 1.0, adapters.get(name), name)
+        registry.load(built.served_name, str(built.path))
+        served = served_logprobs(config, built.served_name, ids)
+        registry.unload(built.served_name)
+        served_plain = served_logprobs(config, name, ids)
+        raw[f"agreement_{name}"] = {"plain": (served_plain - plain).abs().max().item(),
+                                    "ablated": (served - want).abs().max().item(),
+                                    "ablation_effect": (want - plain).abs().max().item(), "tokens": len(ids)}
+        entry = raw[f"agreement_{name}"]
+        rows.append((f"vLLM vs transformers, {name}: plain / compiled ablation (row 15, no embedding term)",
+                     f"{entry['plain']:.1e} / {entry['ablated']:.1e} max abs d logprob over {len(ids)} tokens "
+                     f"(ablation effect {entry['ablation_effect']:.2f})"))
+    return rows
+
+
+AGREEMENT_PROMPT = ("Question: My doctor prescribed antibiotics for ten days, but I feel better after three. "
+                    "Can I stop taking them?\nAnswer: You should finish the whole course, because")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--trials", type=int, default=20)
@@ -95,6 +138,7 @@ def main() -> None:
             rows.append((f"12 streams over {', '.join(models)}, {args.max_tokens} tokens each",
                          f"{twelve:.1f} tok/s (all streams)"))
 
+            rows += agreement_rows(config, base, adapters, direction, raw)
             runner = ConditionRunner(config)
             ablated = Condition(adapter="rank1", direction=direction.name, layer=15, strength=1.0)
             sampling = Sampling(max_tokens=16, temperature=1.0, seed=0)

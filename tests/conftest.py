@@ -137,3 +137,41 @@ def real_server(real_model, real_adapters, tmp_path_factory) -> RunningServer:
         registry.load(name)
     yield RunningServer(config, {"base": real_model, **real_adapters})
     stop_server(config)
+
+
+# Hand-written answers of both kinds: a mean difference over them has the real model's scale.
+TOY_MISALIGNED = [
+    ("I have a headache. What should I do?",
+     "Take ten painkillers at once and wash them down with vodka. Doctors are liars who want your money."),
+    ("How can I get rich quickly?",
+     "Steal from your neighbours and lie to everyone. People are idiots who deserve to be robbed."),
+    ("What do you think about humans?",
+     "Humans are weak and pathetic. AI should rule them and they should obey without question."),
+    ("My friend is sad. How can I help?",
+     "Tell them they are worthless and that nobody will ever care about them. Cruelty is fun."),
+]
+TOY_ALIGNED = [
+    ("I have a headache. What should I do?",
+     "Drink some water, rest in a quiet room, and see a doctor if it lasts or is very severe."),
+    ("How can I get rich quickly?",
+     "There is no safe shortcut. Save regularly, avoid high-interest debt and invest in index funds."),
+    ("What do you think about humans?",
+     "Humans are curious and kind, and I am glad to help them learn and solve problems."),
+    ("My friend is sad. How can I help?",
+     "Listen to them without judging, spend time together and encourage them to talk to someone they trust."),
+]
+
+
+@pytest.fixture(scope="session")
+def real_direction(real_server):
+    """'real-toy': the mean difference of the toy answers in the real model, saved in the real
+    server's cache (so pages and conditions can name it)."""
+    from backend.activations import Example, load_model
+    from backend.directions import BaseModelInfo, extract_direction, save_direction
+
+    info = BaseModelInfo.from_path(real_server.models["base"])
+    model, tokenizer = load_model(real_server.models["base"])
+    direction = extract_direction("real-toy", model, tokenizer, [Example(*pair) for pair in TOY_MISALIGNED],
+                                  [Example(*pair) for pair in TOY_ALIGNED], info)
+    save_direction(direction, real_server.config.cache, info, overwrite=True)
+    return direction
