@@ -192,9 +192,11 @@ class BaseShape:
         head_dim = text.get("head_dim") or text["hidden_size"] // heads
         tied = raw.get("tie_word_embeddings", text.get("tie_word_embeddings"))
         if tied is None:  # left at its default, which differs between config classes
-            from transformers import AutoConfig
+            from transformers import CONFIG_MAPPING
 
-            tied = AutoConfig.for_model(raw.get("model_type", text.get("model_type"))).tie_word_embeddings
+            model_type = raw.get("model_type", text.get("model_type"))
+            # Unknown to transformers: no model class would tie anything.
+            tied = model_type in CONFIG_MAPPING and getattr(CONFIG_MAPPING[model_type](), "tie_word_embeddings", False)
         return cls(num_layers=text["num_hidden_layers"], hidden=text["hidden_size"],
                    intermediate=text["intermediate_size"], q_out=heads * head_dim,
                    kv_out=text.get("num_key_value_heads", heads) * head_dim,
