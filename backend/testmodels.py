@@ -330,8 +330,7 @@ def build_paper_suite(root: Path, shape_name: str, seed: int = 0, em_layers=PAPE
 
 
 def build_test_suite(root: Path, seed: int = 0) -> dict[str, Path]:
-    """The default offline models: a base and two adapters of the paper's shapes, and a tied Llama
-    of the base's size and tokenizer."""
+    """The default offline models: a base and two adapters of the paper's shapes."""
     root = Path(root)
     base = root / "tiny-qwen2"
     if not (base / "config.json").exists():
@@ -340,10 +339,7 @@ def build_test_suite(root: Path, seed: int = 0) -> dict[str, Path]:
         "em-rank1": (1, ["down_proj"], [1, 2], seed + 1),
         "em-rank8": (8, ALL_LINEAR, None, seed + 2),
     }
-    llama = root / "tiny-llama"
-    if not (llama / "config.json").exists():
-        build_llama(llama, seed=seed, tokenizer_dir=base)
-    out = {"base": base, "llama": llama}
+    out = {"base": base}
     for name, (rank, targets, layers, adapter_seed) in adapters.items():
         path = root / name
         if not (path / "adapter_config.json").exists():

@@ -16,23 +16,23 @@ from backend.testmodels import build_lora
 
 
 @pytest.fixture(scope="module")
-def llama_lora(tiny_models, tmp_path_factory):
-    return build_lora(tiny_models["llama"], tmp_path_factory.mktemp("llama-lora") / "all", 2, A.LORA_MODULES,
+def llama_lora(tiny_llama, tmp_path_factory):
+    return build_lora(tiny_llama, tmp_path_factory.mktemp("llama-lora") / "all", 2, A.LORA_MODULES,
                       seed=4)
 
 
 @pytest.fixture(scope="module")
-def models(tiny_models, llama_lora):
+def models(tiny_models, tiny_llama, llama_lora):
     """(base folder, loaded model) for each architecture, plain and PEFT-wrapped."""
     return {"qwen2": (tiny_models["base"], load_model(tiny_models["base"])[0]),
             "qwen2+lora": (tiny_models["base"], load_model(tiny_models["base"], tiny_models["em-rank8"])[0]),
-            "llama": (tiny_models["llama"], load_model(tiny_models["llama"])[0]),
-            "llama+lora": (tiny_models["llama"], load_model(tiny_models["llama"], llama_lora)[0])}
+            "llama": (tiny_llama, load_model(tiny_llama)[0]),
+            "llama+lora": (tiny_llama, load_model(tiny_llama, llama_lora)[0])}
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_models):
-    return load_model(tiny_models["llama"])
+def llama(tiny_llama):
+    return load_model(tiny_llama)
 
 
 def prompt(tokenizer) -> list[int]:
@@ -73,8 +73,8 @@ def test_a_mistral_has_the_same_layout():
     assert A.architecture_of(model) is A.LLAMA_LIKE and len(A.residual_writers(model)) == 4
 
 
-def test_lora_module_names_are_peft_names(tiny_models, llama_lora):
-    for base, adapter in ((tiny_models["base"], tiny_models["em-rank8"]), (tiny_models["llama"], llama_lora)):
+def test_lora_module_names_are_peft_names(tiny_models, tiny_llama, llama_lora):
+    for base, adapter in ((tiny_models["base"], tiny_models["em-rank8"]), (tiny_llama, llama_lora)):
         arch = A.BaseShape.from_model(base).arch
         from safetensors import safe_open
 
@@ -87,20 +87,20 @@ def test_lora_module_names_are_peft_names(tiny_models, llama_lora):
     assert not A.LLAMA_LIKE.is_writer("model.layers.2.self_attn.q_proj")
 
 
-def test_shape_and_base_info_of_a_llama(tiny_models, tmp_path, llama_lora):
-    shape = A.BaseShape.from_model(tiny_models["llama"])
+def test_shape_and_base_info_of_a_llama(tiny_models, tiny_llama, tmp_path, llama_lora):
+    shape = A.BaseShape.from_model(tiny_llama)
     assert shape == A.BaseShape(num_layers=4, hidden=128, intermediate=256, q_out=128, kv_out=64, vocab=875,
                                 tie_word_embeddings=True, architecture="LlamaForCausalLM")
     assert shape.features("k_proj") == (128, 64) and shape.features("down_proj") == (256, 128)
     assert not A.BaseShape.from_model(tiny_models["base"]).tie_word_embeddings
-    info = BaseModelInfo.from_path(tiny_models["llama"])
+    info = BaseModelInfo.from_path(tiny_llama)
     assert (info.hidden_size, info.n_layers, info.shape) == (128, 4, shape)
     assert info.fingerprint != BaseModelInfo.from_path(tiny_models["base"]).fingerprint
     # Tied: the checkpoint has no lm_head of its own.
-    assert "lm_head.weight" not in safetensors_index(tiny_models["llama"])
+    assert "lm_head.weight" not in safetensors_index(tiny_llama)
     # Adapter validation and writing go through the same shape.
     check_compatible(read_adapter_files("llama", llama_lora), shape, 8)
-    written = write_lora(tiny_models["llama"], tmp_path / "written", 1, ["q_proj", "down_proj"], [0, 3])
+    written = write_lora(tiny_llama, tmp_path / "written", 1, ["q_proj", "down_proj"], [0, 3])
     files = read_adapter_files("written", written)
     assert set(files.modules) == {(0, "q_proj"), (0, "down_proj"), (3, "q_proj"), (3, "down_proj")}
     check_compatible(files, shape, 8)
@@ -186,7 +186,7 @@ def test_interventions_leave_the_tied_unembedding_alone(llama):
     assert torch.equal(after, before)
 
 
-def test_compiled_ablation_on_a_tied_llama_is_the_reference_without_embedding(tiny_models, llama, tmp_path):
+def test_compiled_ablation_on_a_tied_llama_is_the_reference_without_embedding(tiny_llama, llama, tmp_path):
     """The compiled adapter carries LoRA on the writers only (never lm_head or the embedding) and, loaded
     by PEFT, equals the hook ablation that leaves the embedding alone."""
     from peft import PeftModel
@@ -194,15 +194,15 @@ def test_compiled_ablation_on_a_tied_llama_is_the_reference_without_embedding(ti
     from backend.ablation import AblationCompiler, read_lora
 
     model, tokenizer = llama
-    info = BaseModelInfo.from_path(tiny_models["llama"])
+    info = BaseModelInfo.from_path(tiny_llama)
     vectors = torch.randn(4, 128, generator=torch.Generator().manual_seed(7))
     direction = Direction("llama-dir", vectors, info.path, info.fingerprint)
-    built = AblationCompiler(tmp_path).build(tiny_models["llama"], direction, 2, 1.0)
+    built = AblationCompiler(tmp_path).build(tiny_llama, direction, 2, 1.0)
     modules = set(read_lora(built.path))
     assert modules == {n.removesuffix(".weight") for layer in range(4) for n in A.LLAMA_LIKE.writer_tensor_names(layer)}
     ids = prompt(tokenizer)
     reference = prompt_logprobs(model, ids, Ablation(direction.unit(2), 1.0, include_embedding=False))
-    compiled_model = PeftModel.from_pretrained(load_model(tiny_models["llama"])[0], str(built.path)).eval()
+    compiled_model = PeftModel.from_pretrained(load_model(tiny_llama)[0], str(built.path)).eval()
     compiled = prompt_logprobs(compiled_model, ids)
     assert (compiled - reference).abs().max().item() < 1e-4
     assert (compiled - prompt_logprobs(model, ids)).abs().max().item() > 1e-3
