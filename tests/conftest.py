@@ -14,7 +14,7 @@ from backend.adapters import AdapterRegistry
 from backend.client import ChatClient
 from backend.config import Config, load_config
 from backend.serving import server_url, start_server, stop_server
-from backend.testmodels import build_real_model_adapters, build_test_suite
+from backend.testmodels import build_llama, build_real_model_adapters, build_test_suite
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"
@@ -25,6 +25,13 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """{'base': ..., 'em-rank1': ..., 'em-rank8': ...}; reused across runs via EM_TEST_MODELS."""
     root = Path(os.environ.get("EM_TEST_MODELS") or tmp_path_factory.mktemp("models"))
     return build_test_suite(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models) -> Path:
+    """A tied Llama of the tiny base's size and tokenizer: the second architecture."""
+    path = tiny_models["base"].parent / "tiny-llama"
+    return path if (path / "config.json").exists() else build_llama(path, tokenizer_dir=tiny_models["base"])
 
 
 @dataclass
