@@ -1,12 +1,14 @@
 """Landing page: is the server up, what does it serve, load and unload adapters."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import streamlit as st
 
 from backend.adapters import AdapterError, AdapterRegistry, read_adapter_files
 from backend.config import ConfigError
 from backend.serving import ServerError, server_status
-from backend.ui import base_model_provenance, config_or_stop
+from backend.ui import base_model_provenance, base_layer_count, config_or_stop
 
 PAGES = (
     ("app.py", "Home", "🏠", "server, base model and adapters"),
@@ -53,7 +55,13 @@ if not status.healthy:
     st.info("Adapters can be listed, loaded and unloaded once the server is up.")
     st.stop()
 
+if any("organism/v0/" in Path(config.adapter_path(name)).as_posix() for name in config.adapters):
+    st.caption("Organism v0 (medical, medical-r8, finance-r8, sports-r8) is preliminary: fine-tunes on the "
+               "base's own persona answers with a weak effect, not yet judged; backend/organism/v0/README.md "
+               "says what was measured.")
+
 registry = AdapterRegistry(config)
+base_layers = base_layer_count(config)
 served = {entry["name"]: entry["path"] for entry in status.adapters}
 names = sorted(set(config.adapters) | set(served))
 for name in names:
@@ -62,7 +70,9 @@ for name in names:
     name_col.markdown(f"**{name}**" + ("  ·  loaded" if name in served else ""))
     try:
         files = read_adapter_files(name, path)
-        shape_col.text(f"rank {files.max_rank} on {', '.join(files.target_modules)}, layers {list(files.layers)}")
+        layers = ("every layer" if len(files.layers) == base_layers and base_layers > 0
+                  else f"layers {list(files.layers)}")
+        shape_col.text(f"rank {files.max_rank} on {', '.join(files.target_modules)}, {layers}")
     except AdapterError as error:
         shape_col.error(str(error))
     label, action = ("Unload", registry.unload) if name in served else ("Load", registry.load)

@@ -50,13 +50,18 @@ def direction_names(config: Config) -> list[str]:
     return list_directions(config.cache)
 
 
-def default_layer(config: Config) -> int:
-    """The middle layer: where the paper's single-layer direction sits, relative to depth."""
+def base_layer_count(config: Config) -> int:
+    """Decoder layers of the base model; 0 when its config cannot be read."""
     from backend.architecture import BaseShape
     try:
-        return BaseShape.from_model(config.base_model_path).num_layers // 2
+        return BaseShape.from_model(config.base_model_path).num_layers
     except (OSError, ValueError, KeyError):
         return 0
+
+
+def default_layer(config: Config) -> int:
+    """The middle layer: where the paper's single-layer direction sits, relative to depth."""
+    return base_layer_count(config) // 2
 
 
 @st.cache_data(show_spinner=False)
