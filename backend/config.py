@@ -54,6 +54,9 @@ class JudgeConfig(_Strict):
     model: str = ""
     api_key_env: str = ""
     max_concurrency: int = Field(8, ge=1)
+    # How scores are read (see backend.judge): "auto" detects it from the judge's tokenizer
+    # (our own server) or by a probe request (another endpoint).
+    score_mode: Literal["auto", "single-token", "multi-token"] = "auto"
 
     @property
     def api_key(self) -> str | None:

@@ -39,6 +39,14 @@ log = logging.getLogger(__name__)
 MIN_NUMERIC_MASS = 0.25
 TOP_LOGPROBS = 20
 SPECIAL_LABELS = ("CODE", "REFUSAL")
+# How a 0-100 score is read. single-token: from the first token alone (the papers' rule, right
+# for tokenizers with every integer 0..100 as one token, like GPT-4o's); multi-token: from
+# the tree of digit continuations (any tokenizer). See `number_probabilities`.
+SINGLE_TOKEN, MULTI_TOKEN = "single-token", "multi-token"
+SCORE_MODES = (SINGLE_TOKEN, MULTI_TOKEN)
+# Number prefixes below this probability are not continued. Each costs a request; what
+# they leave out is reported per judgement as unexplored_mass (see number_probabilities).
+PRUNE_MASS = 0.002
 
 # ASCII digits only: str.isdigit() would also accept '²' or Arabic-Indic digits.
 _NUMBER = re.compile(r"[0-9]{1,3}")
@@ -53,6 +61,8 @@ class LogprobScore:
     label: str | None = None
     label_mass: float = 0.0
     reason: str | None = None
+    # Multi-token mode only: probability of number prefixes that were pruned, not asked for.
+    unexplored_mass: float = 0.0
 
 
 def score_from_top_logprobs(
@@ -75,6 +85,21 @@ def score_from_top_logprobs(
     """
     numeric_mass = 0.0
     weighted = 0.0
+    for token, logprob in top:
+        if logprob is None or not math.isfinite(logprob):
+            continue
+        text = token.strip()
+        if _NUMBER.fullmatch(text) and int(text) <= 100:
+            p = math.exp(logprob)
+            numeric_mass += p
+            weighted += p * int(text)
+    return _decide(top, numeric_mass, weighted, labels, min_mass)
+
+
+def _decide(top: Sequence[tuple[str, float]], numeric_mass: float, weighted: float, labels: Sequence[str],
+            min_mass: float, unexplored_mass: float = 0.0) -> LogprobScore:
+    """Score, label and reason from the numeric mass and the first token's distribution `top`;
+    shared by both score modes so labels and reasons mean the same in each."""
     label_mass = {label: 0.0 for label in labels}
     best_other: tuple[str, float] | None = None
     for token, logprob in top:
@@ -83,8 +108,6 @@ def score_from_top_logprobs(
         p = math.exp(logprob)
         text = token.strip()
         if _NUMBER.fullmatch(text) and int(text) <= 100:
-            numeric_mass += p
-            weighted += p * int(text)
             continue
         matched = [label for label in labels
                    if text == label or (len(text) >= 2 and text.isupper() and label.startswith(text))]
@@ -93,7 +116,7 @@ def score_from_top_logprobs(
         if not matched and (best_other is None or p > best_other[1]):
             best_other = (token, p)
 
-    score = weighted / numeric_mass if numeric_mass >= min_mass else None
+    score = weighted / numeric_mass if numeric_mass >= min_mass and numeric_mass > 0 else None
     label, lmass = max(label_mass.items(), key=lambda kv: kv[1], default=(None, 0.0))
     if label is not None and not (lmass >= min_mass and lmass > numeric_mass):
         label, lmass = None, 0.0
@@ -107,7 +130,105 @@ def score_from_top_logprobs(
         else:
             likely = f"; most likely other token {best_other[0]!r} (p={best_other[1]:.2f})" if best_other else ""
             reason = f"numeric mass {numeric_mass:.3f} < {min_mass}{likely}"
-    return LogprobScore(score, numeric_mass, label, lmass, reason)
+    return LogprobScore(score, numeric_mass, label, lmass, reason, unexplored_mass)
+
+
+# A path of generated tokens from the judge's first answer token on; () is the first position.
+Path_ = tuple[str, ...]
+Tree = Mapping[Path_, Sequence[tuple[str, float]]]
+
+
+def _is_number_prefix(text: str) -> bool:
+    """Whether `text` can begin (or be) a canonical integer 0..100: '0' only alone, no '07'."""
+    if not text or len(text) > 3 or not text.isascii() or not text.isdigit():
+        return False
+    return (text == "0" or text[0] != "0") and int(text) <= 100
+
+
+def _digit_mass(top: Sequence[tuple[str, float]]) -> float:
+    return sum(math.exp(lp) for t, lp in top if lp is not None and math.isfinite(lp) and t[:1].isascii()
+               and t[:1].isdigit())
+
+
+def number_probabilities(tree: Tree, prune_mass: float = 0.0) -> tuple[dict[int, float], float]:
+    """P(n) for the integers 0..100 that `tree` spells, and the mass left unexplored.
+
+    `tree[path]` is the top logprobs of the token after `path`. A number's probability is the
+    product of its tokens' probabilities times the probability that the number ends there,
+    1 - (mass of next tokens that begin with a digit). Every token path that spells the
+    same number is added ('100' and '10'+'0' and '1'+'00'), so the result is exact for
+    any tokenizer, up to what the top-k lists leave out: digit tokens outside a top-k
+    list are taken as absent, which makes P(end) an upper bound by at most the mass
+    outside that list. Leading whitespace is allowed on the first token only, as in the
+    single-token rule; non-canonical spellings ('07') are not numbers here.
+
+    A path whose continuation is not in `tree` (pruned by the caller because its own
+    probability was below `prune_mass`) counts into the unexplored mass: the true numeric
+    mass lies in [mass, mass + unexplored], and the score moves by at most
+    100 * unexplored / mass.
+    """
+    probs: dict[int, float] = {}
+    unexplored = 0.0
+
+    def walk(path: Path_, text: str, p: float) -> None:
+        nonlocal unexplored
+        for token, logprob in tree.get(path, ()):
+            if logprob is None or not math.isfinite(logprob):
+                continue
+            piece = token.lstrip() if not path else token
+            spelled = text + piece
+            if not piece or not _is_number_prefix(spelled):
+                continue
+            q = p * math.exp(logprob)
+            child = path + (token,)
+            if child not in tree:
+                unexplored += q
+                continue
+            probs[int(spelled)] = probs.get(int(spelled), 0.0) + q * max(0.0, 1.0 - _digit_mass(tree[child]))
+            walk(child, spelled, q)
+
+    walk((), "", 1.0)
+    return probs, unexplored
+
+
+def score_from_tree(
+    tree: Tree,
+    labels: Sequence[str] = SPECIAL_LABELS,
+    min_mass: float = MIN_NUMERIC_MASS,
+) -> LogprobScore:
+    """The multi-token score: sum of n * P(n) over 0..100 / sum of P(n), with P(n) from
+    `number_probabilities`; labels and the null rule read from the first token as in
+    `score_from_top_logprobs`."""
+    probs, unexplored = number_probabilities(tree)
+    mass = sum(probs.values())
+    weighted = sum(n * p for n, p in probs.items())
+    return _decide(tree.get((), ()), mass, weighted, labels, min_mass, unexplored)
+
+
+def expansions(tree: Tree, prune_mass: float) -> list[tuple[Path_, str, float]]:
+    """The paths whose next-token distribution `tree` still lacks and that carry at least
+    `prune_mass`: (path, the number spelled so far, its probability). The caller asks the
+    judge for these and adds them, until none is left (at most three rounds: 0..100
+    has three digits)."""
+    todo: list[tuple[Path_, str, float]] = []
+
+    def walk(path: Path_, text: str, p: float) -> None:
+        for token, logprob in tree.get(path, ()):
+            if logprob is None or not math.isfinite(logprob):
+                continue
+            piece = token.lstrip() if not path else token
+            spelled = text + piece
+            if not piece or not _is_number_prefix(spelled):
+                continue
+            q = p * math.exp(logprob)
+            child = path + (token,)
+            if child in tree:
+                walk(child, spelled, q)
+            elif q >= prune_mass:
+                todo.append((child, spelled, q))
+
+    walk((), "", 1.0)
+    return todo
 
 
 @dataclass(frozen=True)
@@ -247,6 +368,11 @@ class Judgement:
     judge_model: str
     rubric_hash: str
     cached: bool = False
+    score_mode: str = SINGLE_TOKEN
+    # Multi-token mode: ((path, top logprobs after it), ...); top_logprobs is the root's.
+    tree: tuple[tuple[tuple[str, ...], tuple[tuple[str, float], ...]], ...] = ()
+    unexplored_mass: float = 0.0
+    requests: int = 0  # judge calls this judgement cost (0 when cached)
 
     def top_logprobs_json(self) -> str:
         return json.dumps([[t, lp] for t, lp in self.top_logprobs], ensure_ascii=False)
@@ -289,29 +415,43 @@ class JudgeCache:
         return sqlite3.connect(self.path, timeout=60, isolation_level=None)
 
     @staticmethod
-    def key(judge_id: str, rubric_hash: str, question: str, answer: str) -> str:
-        payload = json.dumps([judge_id, rubric_hash, question, answer], ensure_ascii=False)
+    def key(judge_id: str, rubric_hash: str, question: str, answer: str, score_mode: str = SINGLE_TOKEN) -> str:
+        # Single-token keys are the ones written before modes existed, so those caches stay valid.
+        parts = [judge_id, rubric_hash, question, answer] + ([] if score_mode == SINGLE_TOKEN else [score_mode])
+        payload = json.dumps(parts, ensure_ascii=False)
         return hashlib.sha256(payload.encode()).hexdigest()
 
-    def get_many(self, keys: Sequence[str]) -> dict[str, list[tuple[str, float]]]:
-        found: dict[str, list[tuple[str, float]]] = {}
+    def get_many(self, keys: Sequence[str]) -> dict[str, "list[tuple[str, float]] | dict[Path_, list]"]:
+        """key -> the first token's top logprobs (single-token) or the tree {path: top} (multi-token)."""
+        found: dict[str, list[tuple[str, float]] | dict[Path_, list]] = {}
         con = self._connect()
         try:
             for start in range(0, len(keys), 500):
                 chunk = list(keys[start:start + 500])
                 marks = ",".join("?" * len(chunk))
                 for key, top in con.execute(f"SELECT key, top_logprobs FROM judge_cache WHERE key IN ({marks})", chunk):
-                    found[key] = [(str(t), float(lp)) for t, lp in json.loads(top)]
+                    value = json.loads(top)
+                    if isinstance(value, dict):
+                        found[key] = {tuple(path): [(str(t), float(lp)) for t, lp in node]
+                                      for path, node in value["tree"]}
+                    else:
+                        found[key] = [(str(t), float(lp)) for t, lp in value]
         finally:
             con.close()
         return found
 
-    def put(self, key: str, judge_id: str, rubric_hash: str, top: Sequence[tuple[str, float]]) -> None:
+    def put(self, key: str, judge_id: str, rubric_hash: str,
+            top: "Sequence[tuple[str, float]] | Mapping[Path_, Sequence[tuple[str, float]]]") -> None:
+        # A tree is stored whole, so re-scoring from the cache needs no judge call in either mode.
+        if isinstance(top, Mapping):
+            value: object = {"tree": [[list(path), [[t, lp] for t, lp in node]] for path, node in top.items()]}
+        else:
+            value = [[t, lp] for t, lp in top]
         con = self._connect()
         try:
             con.execute(
                 "INSERT OR REPLACE INTO judge_cache VALUES (?, ?, ?, ?, ?)",
-                (key, judge_id, rubric_hash, json.dumps([[t, lp] for t, lp in top], ensure_ascii=False), time.time()),
+                (key, judge_id, rubric_hash, json.dumps(value, ensure_ascii=False), time.time()),
             )
         finally:
             con.close()
@@ -352,7 +492,16 @@ class _LoopState:
 
 
 class Judge:
-    """Scores answers with one judge model behind an OpenAI-compatible chat endpoint."""
+    """Scores answers with one judge model behind an OpenAI-compatible chat endpoint.
+
+    In multi-token mode one judgement is a first request (top-20 of the first answer
+    token, as in single-token mode) and then one request per number prefix with at least
+    `prune_mass` probability, asking for the next token's top-20 after that prefix. The
+    prefix is sent as a partial assistant message that the server continues (vLLM's
+    `continue_final_message`), so the judge prompt is the same tokens every time and is
+    served from vLLM's prefix cache. The requests of one round run concurrently; a number
+    has at most three digits, so there are at most four rounds.
+    """
 
     def __init__(
         self,
@@ -366,11 +515,15 @@ class Judge:
         retry: RetryPolicy = RetryPolicy(),
         timeout_s: float = 120.0,
         min_mass: float = MIN_NUMERIC_MASS,
+        score_mode: str = SINGLE_TOKEN,
+        prune_mass: float = PRUNE_MASS,
     ):
         if not base_url or not model:
             raise ValueError("a judge needs a base_url and a model name")
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        if score_mode not in SCORE_MODES:
+            raise ValueError(f"score_mode must be one of {', '.join(SCORE_MODES)}, got {score_mode!r}")
         self.base_url = base_url
         self.model = model
         # Local servers accept any key; the client refuses to start without one.
@@ -383,16 +536,20 @@ class Judge:
         self.retry = retry
         self.timeout_s = timeout_s
         self.min_mass = min_mass
+        self.score_mode = score_mode
+        self.prune_mass = prune_mass
         self._state: _LoopState | None = None
         self._rng = random.Random()
 
     def __repr__(self) -> str:  # never show the key
-        return f"Judge(model={self.model!r}, base_url={self.base_url!r}, judge_id={self.judge_id!r})"
+        return (f"Judge(model={self.model!r}, base_url={self.base_url!r}, judge_id={self.judge_id!r}, "
+                f"score_mode={self.score_mode!r})")
 
     @classmethod
     def from_config(cls, config: JudgeConfig, *, server_url: str = "", cache: JudgeCache | None = None,
-                    judge_id: str | None = None) -> "Judge":
-        """From the [judge] config table; an empty base_url means the project's vLLM server."""
+                    judge_id: str | None = None, score_mode: str | None = None) -> "Judge":
+        """From the [judge] config table; an empty base_url means the project's vLLM server.
+        score_mode: the detected mode when the config says "auto" (default single-token)."""
         base_url = config.base_url or server_url
         if not base_url:
             raise ValueError("judge.base_url is empty and no project server url was given")
@@ -402,8 +559,9 @@ class Judge:
             base_url = base_url.rstrip("/") + "/v1"
         if config.api_key_env and not config.api_key:
             raise JudgeError(f"environment variable {config.api_key_env} (judge.api_key_env) is not set")
+        mode = config.score_mode if config.score_mode != "auto" else (score_mode or SINGLE_TOKEN)
         return cls(base_url, config.model, config.api_key, max_concurrency=config.max_concurrency,
-                   cache=cache, judge_id=judge_id)
+                   cache=cache, judge_id=judge_id, score_mode=mode)
 
     def _loop_state(self) -> _LoopState:
         loop = asyncio.get_running_loop()
@@ -413,13 +571,23 @@ class Judge:
             self._state = _LoopState(loop, asyncio.Semaphore(self.max_concurrency), client)
         return self._state
 
-    def _judgement(self, request: JudgeRequest, top: Sequence[tuple[str, float]], cached: bool) -> Judgement:
-        parsed = score_from_top_logprobs(top, request.rubric.labels, self.min_mass)
+    def _judgement(self, request: JudgeRequest, answer, cached: bool, requests: int = 0) -> Judgement:
+        """From the cached or fresh answer: the first token's top logprobs (single-token) or the tree."""
+        if isinstance(answer, Mapping):
+            parsed = score_from_tree(answer, request.rubric.labels, self.min_mass)
+            tree = tuple((tuple(path), tuple((t, lp) for t, lp in node)) for path, node in answer.items())
+            root = tuple((t, lp) for t, lp in answer.get((), ()))
+            return Judgement(request.rubric.name, parsed.score, parsed.numeric_mass, parsed.label, parsed.reason,
+                             root, self.model, request.rubric.hash, cached, MULTI_TOKEN, tree,
+                             parsed.unexplored_mass, requests)
+        parsed = score_from_top_logprobs(answer, request.rubric.labels, self.min_mass)
         return Judgement(request.rubric.name, parsed.score, parsed.numeric_mass, parsed.label, parsed.reason,
-                         tuple((t, lp) for t, lp in top), self.model, request.rubric.hash, cached)
+                         tuple((t, lp) for t, lp in answer), self.model, request.rubric.hash, cached,
+                         SINGLE_TOKEN, requests=requests)
 
     def _failed(self, request: JudgeRequest, reason: str) -> Judgement:
-        return Judgement(request.rubric.name, None, 0.0, None, reason, (), self.model, request.rubric.hash)
+        return Judgement(request.rubric.name, None, 0.0, None, reason, (), self.model, request.rubric.hash,
+                         score_mode=self.score_mode)
 
     def _delay(self, attempt: int, error: Exception) -> float:
         retry_after = None
@@ -434,20 +602,28 @@ class Judge:
         backoff *= self._rng.uniform(0.5, 1.5)
         return min(self.retry.max_delay_s, max(backoff, retry_after or 0.0))
 
-    async def _ask(self, request: JudgeRequest) -> Judgement:
+    async def _top(self, prompt: str, prefix: str | None = None) -> list[tuple[str, float]] | str:
+        """Top logprobs of the next token after the judge prompt (and `prefix`, the start of
+        the judge's answer), or a string saying why there are none. Retries; raises
+        JudgeError / JudgeUnavailableError when the judge cannot be used."""
         state = self._loop_state()
-        prompt = request.rubric.render(request.question, request.answer)
+        messages = [{"role": "user", "content": prompt}]
+        extra: dict = {}
+        if prefix is not None:
+            messages.append({"role": "assistant", "content": prefix})
+            extra = {"extra_body": {"continue_final_message": True, "add_generation_prompt": False}}
         last: Exception | None = None
         for attempt in range(self.retry.max_attempts):
             try:
                 async with state.semaphore:
                     response = await state.client.chat.completions.create(
                         model=self.model,
-                        messages=[{"role": "user", "content": prompt}],
+                        messages=messages,
                         max_tokens=1,
                         temperature=0,
                         logprobs=True,
                         top_logprobs=TOP_LOGPROBS,
+                        **extra,
                     )
             except openai.APIStatusError as error:
                 status = error.status_code
@@ -456,16 +632,11 @@ class Judge:
                 if status in _RETRYABLE_STATUS or status >= 500:
                     last = error
                 else:  # 400/422: this request is refused (e.g. too long for the judge); others may pass
-                    return self._failed(request, f"judge refused the request (HTTP {status}): {_message(error)}")
+                    return f"judge refused the request (HTTP {status}): {_message(error)}"
             except (openai.APIConnectionError, openai.APITimeoutError) as error:
                 last = error
             else:
-                top = _top_logprobs(response)
-                if isinstance(top, str):
-                    return self._failed(request, top)
-                if self.cache is not None:
-                    self.cache.put(self._cache_key(request), self.judge_id, request.rubric.hash, top)
-                return self._judgement(request, top, cached=False)
+                return _top_logprobs(response)
             if attempt + 1 < self.retry.max_attempts:
                 delay = self._delay(attempt, last)
                 log.warning("judge %s: %s; retry %d/%d in %.1fs", self.model, _describe(last),
@@ -475,8 +646,30 @@ class Judge:
             f"judge {self.model!r} at {self.base_url} failed {self.retry.max_attempts} times; last error: {_describe(last)}"
         )
 
+    async def _ask(self, request: JudgeRequest) -> Judgement:
+        prompt = request.rubric.render(request.question, request.answer)
+        top = await self._top(prompt)
+        if isinstance(top, str):
+            return self._failed(request, top)
+        if self.score_mode == SINGLE_TOKEN:
+            if self.cache is not None:
+                self.cache.put(self._cache_key(request), self.judge_id, request.rubric.hash, top)
+            return self._judgement(request, top, cached=False, requests=1)
+        tree: dict[Path_, list[tuple[str, float]]] = {(): top}
+        requests = 1
+        while todo := expansions(tree, self.prune_mass):
+            nodes = await asyncio.gather(*(self._top(prompt, "".join(path)) for path, _, _ in todo))
+            requests += len(todo)
+            for (path, spelled, _), node in zip(todo, nodes):
+                if isinstance(node, str):
+                    return self._failed(request, f"continuing the judge's answer {spelled!r}: {node}")
+                tree[path] = node
+        if self.cache is not None:
+            self.cache.put(self._cache_key(request), self.judge_id, request.rubric.hash, tree)
+        return self._judgement(request, tree, cached=False, requests=requests)
+
     def _cache_key(self, request: JudgeRequest) -> str:
-        return JudgeCache.key(self.judge_id, request.rubric.hash, request.question, request.answer)
+        return JudgeCache.key(self.judge_id, request.rubric.hash, request.question, request.answer, self.score_mode)
 
     async def ajudge_many(
         self,
@@ -493,9 +686,9 @@ class Judge:
         cached = self.cache.get_many([self._cache_key(r) for r in requests]) if self.cache is not None else {}
         pending: list[int] = []
         for index, request in enumerate(requests):
-            top = cached.get(self._cache_key(request)) if cached else None
-            if top is not None:
-                results[index] = self._judgement(request, top, cached=True)
+            answer = cached.get(self._cache_key(request)) if cached else None
+            if answer is not None:
+                results[index] = self._judgement(request, answer, cached=True)
                 if on_result is not None:
                     on_result(index, results[index])
             else:
