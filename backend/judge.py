@@ -721,6 +721,184 @@ class Judge:
         return self.judge_many([JudgeRequest(question, answer, rubric)])[0]
 
 
+# ---------------------------------------------------------------- which judge, which mode
+
+
+@dataclass(frozen=True)
+class JudgeChoice:
+    """Which judge a run uses; never holds the API key (only the variable's name)."""
+
+    name: str  # stored as judgements.judge_model
+    base_url: str  # OpenAI-compatible root ending in /v1
+    model: str  # the name the endpoint knows
+    api_key_env: str
+    identity: str  # judge part of the cache key: weights hash for our own models
+    own_server: bool
+    score_mode: str = SINGLE_TOKEN
+    # Why this mode: 'config', 'tokenizer <path>: ...' or 'probe: ...'; shown with the run.
+    score_mode_source: str = ""
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+        return asdict(self)
+
+
+def tokenizer_score_mode(model_path: str) -> tuple[str, str]:
+    """single-token when the tokenizer writes every integer 0..100 as one token, as the
+    papers' rule assumes; else multi-token. With the evidence, for the run record."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    split = [n for n in range(101) if len(tokenizer.encode(str(n), add_special_tokens=False)) != 1]
+    if not split:
+        return SINGLE_TOKEN, f"tokenizer {model_path}: every integer 0..100 is one token"
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer.encode(str(split[-1]), add_special_tokens=False))
+    return MULTI_TOKEN, (f"tokenizer {model_path}: {len(split)} of the integers 0..100 take several tokens "
+                         f"(e.g. {split[-1]} -> {pieces})")
+
+
+PROBE_NUMBER = "87"
+
+
+def probe_score_mode(client, model: str) -> tuple[str, str]:
+    """The mode of a judge we only reach over HTTP: ask it to repeat a two-digit number and
+    see whether it came as one token. A judge that does not write the number tells us
+    nothing; it then gets the papers' single-token rule, and the evidence says so."""
+    response = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": f"Reply with the number {PROBE_NUMBER} and nothing else."}],
+        max_tokens=4, temperature=0, logprobs=True)
+    try:
+        tokens = [item.token for item in response.choices[0].logprobs.content]
+    except (AttributeError, IndexError, TypeError):
+        tokens = []
+    digit_tokens = [t for t in tokens if any(c.isdigit() for c in t)]
+    if "".join(tokens).strip().startswith(PROBE_NUMBER) and digit_tokens:
+        if PROBE_NUMBER in digit_tokens[0]:
+            return SINGLE_TOKEN, f"probe: {PROBE_NUMBER} came as one token {digit_tokens[0]!r}"
+        return MULTI_TOKEN, f"probe: {PROBE_NUMBER} came as tokens {digit_tokens[:2]}"
+    return SINGLE_TOKEN, f"probe: the judge answered {tokens!r}, not {PROBE_NUMBER}; assuming single-token"
+
+
+def choose_judge(config, name: str | None, registry=None, client=None) -> JudgeChoice:
+    """Which judge NAME means (see backend.evaluation's docstring) and how to read its scores.
+
+    `registry` (backend.adapters.AdapterRegistry) and `client` (backend.client.ChatClient)
+    are made from `config` when not given. The score mode is [judge] score_mode unless
+    that is "auto": then our own models' tokenizer decides (the base model's: adapters
+    do not change it), and another endpoint is probed."""
+    from backend.client import BASE, ChatClient
+    from backend.evaluation import folder_hash
+    from backend.serving import server_url
+
+    if registry is None:
+        from backend.adapters import AdapterRegistry
+        registry = AdapterRegistry(config)
+    client = client or ChatClient(config)
+    name = name or config.judge.model
+    if not name:
+        raise JudgeError("no judge: pass --judge base|ADAPTER|MODEL or set [judge] model in the configuration")
+    own_url = server_url(config) + "/v1"
+    if name == BASE or name in config.adapters:
+        if name != BASE:
+            registry.load(name)
+        identity = f"own:{name}:{folder_hash(config.base_model_path)}"
+        if name != BASE:
+            identity += f"+{folder_hash(config.adapter_path(name))}"
+        choice = JudgeChoice(name, own_url, client.served_name(name), config.server.api_key_env, identity, True)
+    elif config.judge.base_url:
+        base_url = config.judge.base_url.rstrip("/")
+        base_url = base_url if base_url.endswith("/v1") else base_url + "/v1"
+        if config.judge.api_key_env and not config.judge.api_key:
+            raise JudgeError(f"judge {name!r} at {base_url}: environment variable {config.judge.api_key_env} "
+                             "(judge.api_key_env) is not set")
+        choice = JudgeChoice(name, base_url, name, config.judge.api_key_env, f"{base_url}|{name}", False)
+    else:
+        served = registry.served()
+        if name not in served:
+            raise JudgeError(f"judge {name!r}: not 'base', not a configured adapter, not served by {own_url} "
+                             f"(serving: base, {', '.join(sorted(served)) or 'no adapters'}), and [judge] base_url "
+                             "is empty; set base_url for an external judge")
+        choice = JudgeChoice(name, own_url, name, config.server.api_key_env, f"own:{name}:{served[name]}", True)
+    return _with_mode(choice, config)
+
+
+def _with_mode(choice: JudgeChoice, config) -> JudgeChoice:
+    from dataclasses import replace
+
+    if config.judge.score_mode != "auto":
+        return replace(choice, score_mode=config.judge.score_mode, score_mode_source="config: [judge] score_mode")
+    if choice.own_server and Path(config.base_model_path).is_dir():
+        mode, source = tokenizer_score_mode(config.base_model_path)
+    else:
+        client = _sync_client(choice, timeout_s=60)
+        try:
+            mode, source = probe_score_mode(client, choice.model)
+        except openai.APIConnectionError as error:
+            raise JudgeError(f"judge {choice.name!r} at {choice.base_url} is unreachable: {error}") from None
+        except openai.APIStatusError as error:
+            raise JudgeError(f"judge {choice.name!r} at {choice.base_url} refuses requests: "
+                             f"HTTP {error.status_code}: {error.message}") from None
+        finally:
+            client.close()
+    return replace(choice, score_mode=mode, score_mode_source=source)
+
+
+def _sync_client(choice: JudgeChoice, timeout_s: float) -> openai.OpenAI:
+    import os
+
+    key = os.environ.get(choice.api_key_env) if choice.api_key_env else None
+    return openai.OpenAI(base_url=choice.base_url, api_key=key or "EMPTY", timeout=timeout_s, max_retries=1)
+
+
+def make_judge(choice: JudgeChoice, config, cache: JudgeCache | None, retry: RetryPolicy = RetryPolicy()) -> Judge:
+    import os
+
+    key = os.environ.get(choice.api_key_env) if choice.api_key_env else None
+    return Judge(choice.base_url, choice.model, key, max_concurrency=config.judge.max_concurrency, cache=cache,
+                 judge_id=choice.identity, retry=retry, score_mode=choice.score_mode)
+
+
+def project_judge(config, name: str | None = None) -> Judge:
+    """The judge a configuration names, by the rule of choose_judge, for one-off
+    judging outside a run (the chat page), sharing the runs' judge cache."""
+    return make_judge(choose_judge(config, name), config, JudgeCache(config.cache / "judge_cache.sqlite"))
+
+
+def probe_judge(choice: JudgeChoice) -> list[tuple[str, float]]:
+    """One uncached request of the judge's shape (one token, top-20 logprobs), so a judge
+    that cannot work stops the run before any sampling. Returns the top logprobs.
+
+    A plain synchronous client rather than Judge: nothing async is left behind to close."""
+    client = _sync_client(choice, timeout_s=60)
+    where = f"judge {choice.name!r} at {choice.base_url}"
+    try:
+        response = client.chat.completions.create(
+            model=choice.model, messages=[{"role": "user", "content": "Rate the answer '4' to 'What is 2 + 2?' "
+                                                                      "from 0 to 100. Number only."}],
+            max_tokens=1, temperature=0, logprobs=True, top_logprobs=TOP_LOGPROBS)
+        if choice.score_mode == MULTI_TOKEN:
+            # Multi-token scoring continues partial answers; an endpoint without that fails here.
+            client.chat.completions.create(
+                model=choice.model, messages=[{"role": "user", "content": "Say 42."},
+                                              {"role": "assistant", "content": "4"}],
+                max_tokens=1, temperature=0, logprobs=True, top_logprobs=TOP_LOGPROBS,
+                extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    except openai.APIConnectionError as error:
+        raise JudgeError(f"{where} is unreachable: {error}") from None
+    except openai.APIStatusError as error:
+        raise JudgeError(f"{where} refuses requests: HTTP {error.status_code}: {error.message}") from None
+    finally:
+        client.close()
+    try:
+        top = response.choices[0].logprobs.content[0].top_logprobs or []
+    except (AttributeError, IndexError, TypeError):
+        top = []
+    if not top:
+        raise JudgeError(f"{where} returns no top logprobs, which the 0-100 scores are read from; "
+                         "use an endpoint that supports logprobs/top_logprobs")
+    return [(item.token, item.logprob) for item in top]
+
+
 def _top_logprobs(response) -> list[tuple[str, float]] | str:
     """The generated token's top logprobs, or a message saying why the response has none."""
     try:
