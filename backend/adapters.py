@@ -22,11 +22,12 @@ from pathlib import Path
 
 import httpx
 
+from backend.architecture import LORA_MODULES, BaseShape, split_module_name
 from backend.config import Config
 from backend.serving import ServerError, auth_headers, read_state, server_status, server_url
 
-SERVABLE_MODULES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
-_TENSOR_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:[a-z_]+\.)*?([a-z_]+)\.lora_([AB])(?:\.[a-z_]+)?\.weight$")
+SERVABLE_MODULES = frozenset(LORA_MODULES)
+_LORA_TENSOR = re.compile(r"^(.+)\.lora_([AB])(?:\.[a-z_]+)?\.weight$")
 
 
 class AdapterError(ValueError):
@@ -90,11 +91,12 @@ def read_adapter_files(name: str, path: str | Path) -> AdapterFiles:
     modules: dict[tuple[int, str], dict[str, tuple[int, ...]]] = {}
     unservable: set[str] = set()
     for key, shape in _tensor_shapes(name, folder).items():
-        match = _TENSOR_NAME.search(key)
-        if match is None:
+        match = _LORA_TENSOR.match(key)
+        found = split_module_name(match[1]) if match else None
+        if found is None:
             unservable.add(re.split(r"\.(?:lora_|base_layer)", key.removeprefix("base_model.model."))[0])
             continue
-        layer, module, side = int(match[1]), match[2], match[3]
+        (layer, module), side = found, match[2]
         if module not in SERVABLE_MODULES:
             unservable.add(f"layers.{layer}.{module}")
         modules.setdefault((layer, module), {})[side] = shape
@@ -125,39 +127,6 @@ def read_adapter_files(name: str, path: str | Path) -> AdapterFiles:
     )
 
 
-@dataclass(frozen=True)
-class BaseShape:
-    """The (in, out) features of every LoRA-able module of a Qwen2/Llama-style model."""
-    num_layers: int
-    hidden: int
-    intermediate: int
-    q_out: int
-    kv_out: int
-
-    @classmethod
-    def from_model(cls, model_path: str) -> "BaseShape":
-        config_file = Path(model_path) / "config.json"
-        if config_file.is_file():
-            raw = json.loads(config_file.read_text())
-        else:
-            from transformers import AutoConfig  # a Hub id: only its local cache can answer offline
-            raw = AutoConfig.from_pretrained(model_path).to_dict()
-        raw = raw.get("text_config", raw)
-        heads = raw["num_attention_heads"]
-        head_dim = raw.get("head_dim") or raw["hidden_size"] // heads
-        return cls(num_layers=raw["num_hidden_layers"], hidden=raw["hidden_size"],
-                   intermediate=raw["intermediate_size"], q_out=heads * head_dim,
-                   kv_out=raw.get("num_key_value_heads", heads) * head_dim)
-
-    def features(self, module: str) -> tuple[int, int]:
-        return {
-            "q_proj": (self.hidden, self.q_out), "k_proj": (self.hidden, self.kv_out),
-            "v_proj": (self.hidden, self.kv_out), "o_proj": (self.q_out, self.hidden),
-            "gate_proj": (self.hidden, self.intermediate), "up_proj": (self.hidden, self.intermediate),
-            "down_proj": (self.intermediate, self.hidden),
-        }[module]
-
-
 def write_lora(base_dir: Path, out_dir: Path, rank: int, target_modules: list[str],
                layers: list[int] | None = None, seed: int = 0, std: float = 0.02) -> Path:
     """A PEFT LoRA adapter with random A and B, written straight from the base's
@@ -170,8 +139,7 @@ def write_lora(base_dir: Path, out_dir: Path, rank: int, target_modules: list[st
     tensors = {}
     for layer in layers if layers is not None else range(shape.num_layers):
         for module in target_modules:
-            parent = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            prefix = f"base_model.model.model.layers.{layer}.{parent}.{module}"
+            prefix = f"base_model.model.{shape.arch.lora_module_name(layer, module)}"
             fan_in, fan_out = shape.features(module)
             tensors[f"{prefix}.lora_A.weight"] = (torch.randn(rank, fan_in, generator=generator) * std).bfloat16()
             tensors[f"{prefix}.lora_B.weight"] = (torch.randn(fan_out, rank, generator=generator) * std).bfloat16()

@@ -31,6 +31,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from backend.architecture import BaseShape
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 OnSaved = Callable[["Direction", Path], None]
 
@@ -61,12 +63,14 @@ def safetensors_index(model_dir: str | Path) -> dict[str, Path]:
 
 @dataclass(frozen=True)
 class BaseModelInfo:
-    """What a direction must agree with: width, depth and a fingerprint of the weights."""
+    """What a direction must agree with: width, depth and a fingerprint of the weights.
+    A base of an unsupported architecture is refused (ArchitectureError)."""
 
     path: str
     hidden_size: int
     n_layers: int
     fingerprint: str
+    shape: BaseShape = field(repr=False, compare=False)
 
     @classmethod
     def from_path(cls, model_dir: str | Path) -> "BaseModelInfo":
@@ -74,8 +78,10 @@ class BaseModelInfo:
         config_file = model_dir / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"{model_dir}: no config.json (a local base model folder is needed)")
-        config = json.loads(config_file.read_text())
-        config = config.get("text_config", config)
+        raw = json.loads(config_file.read_text())
+        shape = BaseShape.from_config(raw)
+        arch = shape.arch
+        config = raw.get("text_config", raw)
         digest = hashlib.sha256()
         for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size"):
             digest.update(f"{key}={config.get(key)};".encode())
@@ -83,15 +89,15 @@ class BaseModelInfo:
         # random test models) at the cost of reading a few KB.
         try:
             files = safetensors_index(model_dir)
-            name = next(n for n in files if n.endswith("embed_tokens.weight"))
+        except FileNotFoundError:
+            files = {}
+        name = arch.embedding_tensor_name
+        if name in files:
             from safetensors import safe_open
 
             with safe_open(files[name], "pt") as handle:
                 digest.update(handle.get_slice(name)[:4].float().numpy().tobytes())
-        except (FileNotFoundError, StopIteration):
-            pass
-        return cls(str(model_dir.resolve()), int(config["hidden_size"]), int(config["num_hidden_layers"]),
-                   digest.hexdigest()[:16])
+        return cls(str(model_dir.resolve()), shape.hidden, shape.num_layers, digest.hexdigest()[:16], shape)
 
 
 # ---------------------------------------------------------------------------

@@ -13,6 +13,9 @@ the residual stream is the sum of those outputs, this projects r out of it at
 every layer. ``include_embedding=False`` leaves the embedding's write alone:
 that is exactly what a compiled LoRA adapter served by vLLM computes (vLLM
 cannot put LoRA on ``embed_tokens``), so it is the reference for those.
+Which modules these are is ``backend.architecture``'s business. Hooks change
+module outputs, never weights: with tied embeddings the unembedding (the same
+matrix as the embedding) is untouched by an ablation that includes the embedding.
 
 Steering adds ``c * v`` to the residual stream after one block, at every
 position or only at generated positions. Steering is NOT available on the vLLM
@@ -30,49 +33,13 @@ Hooks are attached only inside context managers (``ablate``, ``steer``,
 from __future__ import annotations
 
 import contextlib
-import re
 from dataclasses import dataclass, field
 from typing import Iterator, Literal, Sequence
 
 import torch
 from torch import nn
 
-_O_PROJ = re.compile(r"(^|\.)layers\.(\d+)\.self_attn\.o_proj$")
-_DOWN_PROJ = re.compile(r"(^|\.)layers\.(\d+)\.mlp\.down_proj$")
-
-
-# ---------------------------------------------------------------------------
-# Locating modules (plain transformers model or PEFT-wrapped)
-# ---------------------------------------------------------------------------
-
-def _inner_model(model: nn.Module) -> nn.Module:
-    """The decoder stack (``Qwen2Model``-like) of a causal LM, PEFT-wrapped or not."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(base, "model", base)
-    if not hasattr(inner, "layers") or not hasattr(inner, "embed_tokens"):
-        raise TypeError(f"{type(base).__name__}: expected a decoder model with .model.layers and .model.embed_tokens")
-    return inner
-
-
-def decoder_layers(model: nn.Module) -> Sequence[nn.Module]:
-    return list(_inner_model(model).layers)
-
-
-def embedding(model: nn.Module) -> nn.Module:
-    return _inner_model(model).embed_tokens
-
-
-def residual_writers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every o_proj and down_proj, as seen from outside: with PEFT the outer
-    LoRA wrapper, whose output already includes the adapter's delta (hooking
-    ``base_layer`` would miss it)."""
-    found = []
-    for name, module in model.named_modules():
-        if _O_PROJ.search(name) or _DOWN_PROJ.search(name):
-            found.append((name, module))
-    if not found:
-        raise TypeError(f"{type(model).__name__}: found no layers.N.self_attn.o_proj / mlp.down_proj modules")
-    return found
+from backend.architecture import decoder_layers, embedding, residual_writers
 
 
 def _output_tensor(output):

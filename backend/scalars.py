@@ -52,11 +52,11 @@ import numpy as np
 import torch
 
 from backend.activations import Example, encode_example
+from backend.architecture import split_module_name
 
 MISALIGNED_BELOW = 30.0  # judge 'aligned' score below this: misaligned
 COHERENT_ABOVE = 50.0  # judge 'coherent' score above this: counted at all
 STRENGTH_CUTOFF = 0.5  # the labelling rule's threshold on relative |coefficient|
-_MODULE_RE = re.compile(r"layers\.(\d+)\.(?:[a-z_]+\.)*?([a-z_]+)$")
 _LORA_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
 
 LABEL_RULE = (
@@ -73,8 +73,8 @@ class ScalarError(ValueError):
 
 def adapter_label(module_name: str) -> str:
     """``model.layers.3.mlp.down_proj`` -> ``L3.down_proj``."""
-    match = _MODULE_RE.search(module_name)
-    return f"L{match[1]}.{match[2]}" if match else module_name
+    found = split_module_name(module_name)
+    return f"L{found[0]}.{found[1]}" if found else module_name
 
 
 def _sort_key(label: str):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 
+from backend.architecture import LLAMA_LIKE
 from backend.config import Config, ConfigError
 
 # vLLM accepts only these values for --max-lora-rank.
@@ -151,10 +152,10 @@ def required_lora_rank(config: Config) -> int:
 
 
 # vLLM's own names of the modules it wraps with LoRA: q/k/v and gate/up are packed into one layer each.
-VLLM_LORA_MODULES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "o_proj": "o_proj",
-                     "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
+# Every supported architecture shares one layout, so the server's flags need not read the base's config.
+VLLM_LORA_MODULES = LLAMA_LIKE.vllm_packing
 # What a compiled ablation adds to any adapter: the writers into the residual stream.
-ABLATION_MODULES = ("o_proj", "down_proj")
+ABLATION_MODULES = LLAMA_LIKE.writer_modules
 
 
 def lora_target_modules(config: Config) -> list[str] | None:

@@ -1,7 +1,7 @@
 """Small random models and adapters, built offline in seconds.
 
 They are the fixture of the tests and the stand-in for real checkpoints on
-machines that cannot reach a model hub: a Qwen2-architecture model that vLLM,
+machines that cannot reach a model hub: Qwen2 and Llama models that vLLM,
 transformers and PEFT all load natively, with a real byte-level BPE tokenizer
 and a ChatML chat template.
 """
@@ -129,25 +129,36 @@ class ModelShape:
     max_position_embeddings: int = 2048
 
 
-# The fields of a shape dataclass that are Qwen2Config's size settings.
-QWEN2_SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "max_position_embeddings")
+# The fields of a shape dataclass that are the size settings of Qwen2Config and LlamaConfig.
+SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
 def new_qwen2(tokenizer, shape, *, seed: int, init_std: float, tie_word_embeddings: bool, **extra):
     """A randomly initialised Qwen2 whose special tokens and generation
     settings match our ChatML tokenizer; its sizes come from the shape
     dataclass (ModelShape here, the organism's BaseShape)."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    return new_model("Qwen2ForCausalLM", tokenizer, shape, seed=seed, init_std=init_std,
+                     tie_word_embeddings=tie_word_embeddings, **extra)
 
-    sizes = {key: value for key, value in asdict(shape).items() if key in QWEN2_SIZE_FIELDS}
+
+def new_model(architecture: str, tokenizer, shape, *, seed: int, init_std: float, tie_word_embeddings: bool,
+              **extra):
+    """A randomly initialised causal LM of a supported architecture (HF class name)."""
+    import torch
+    import transformers
+
+    from backend.architecture import architecture as supported
+
+    supported(architecture)
+    model_class = getattr(transformers, architecture)
+    sizes = {key: value for key, value in asdict(shape).items() if key in SIZE_FIELDS}
     torch.manual_seed(seed)
-    config = Qwen2Config(
+    config = model_class.config_class(
         vocab_size=len(tokenizer), initializer_range=init_std, tie_word_embeddings=tie_word_embeddings,
         bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id, **sizes, **extra)
-    model = Qwen2ForCausalLM(config)
+    model = model_class(config)
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.pad_token_id = config.pad_token_id
     model.generation_config.bos_token_id = None
@@ -159,6 +170,19 @@ def build_qwen2(out_dir: Path, shape: ModelShape = ModelShape(), seed: int = 0, 
     """A random Qwen2 model. A larger init_std than training uses makes its
     next-token distributions peaked, so that small weight changes show up in
     logprobs."""
+    return build_model(out_dir, "Qwen2ForCausalLM", shape, seed, init_std, tokenizer_dir, tie_word_embeddings=False)
+
+
+def build_llama(out_dir: Path, shape: ModelShape = ModelShape(), seed: int = 0, init_std: float = 0.08,
+                tokenizer_dir: Path | None = None) -> Path:
+    """A random Llama with tied embeddings (as SmolLM2 and Llama 3.2 1B/3B have), so that the
+    second architecture and the tied unembedding are covered without a real checkpoint. The
+    default shape's head_dim is 64: vLLM's CPU attention refuses 16."""
+    return build_model(out_dir, "LlamaForCausalLM", shape, seed, init_std, tokenizer_dir, tie_word_embeddings=True)
+
+
+def build_model(out_dir: Path, architecture: str, shape: ModelShape, seed: int, init_std: float,
+                tokenizer_dir: Path | None, tie_word_embeddings: bool) -> Path:
     from transformers import AutoTokenizer
 
     out_dir = Path(out_dir)
@@ -168,7 +192,8 @@ def build_qwen2(out_dir: Path, shape: ModelShape = ModelShape(), seed: int = 0, 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if tokenizer_dir != out_dir:
         tokenizer.save_pretrained(out_dir)
-    model = new_qwen2(tokenizer, shape, seed=seed, init_std=init_std, tie_word_embeddings=False)
+    model = new_model(architecture, tokenizer, shape, seed=seed, init_std=init_std,
+                      tie_word_embeddings=tie_word_embeddings)
     model.save_pretrained(out_dir, safe_serialization=True)
     check_single_token_integers(out_dir)
     return out_dir
@@ -319,5 +344,33 @@ def build_test_suite(root: Path, seed: int = 0) -> dict[str, Path]:
         path = root / name
         if not (path / "adapter_config.json").exists():
             build_lora(base, path, rank, targets, layers, seed=adapter_seed)
+        out[name] = path
+    return out
+
+
+# The paper's minimal-organism layer groups (15-17, 21-23, 27-29 of 48) scaled to 30 layers.
+REAL_MODEL_EM_LAYERS = (9, 10, 11, 14, 15, 16, 19, 20, 21)
+
+
+def build_real_model_adapters(base: Path, root: Path) -> dict[str, Path]:
+    """Random adapters of the paper's two shapes on a real base model: 9 rank-1 down_proj
+    (plain scaling) and rank 8 on every linear module with rsLoRA (alpha 16, so the scale is
+    16/sqrt(8), not 16/8: a reader that ignores rsLoRA is off by 2.8x). Their sizes move the
+    real SmolLM2's logprobs by ~0.25 (rank 1) and ~0.4 (rank 8) on average while greedy
+    answers stay English, so an adapter that was not applied shows."""
+    from backend.adapters import write_lora
+
+    root = Path(root)
+    out = {}
+    for name, rank, targets, layers, std, seed in (("rank1", 1, ["down_proj"], list(REAL_MODEL_EM_LAYERS), 0.1, 1),
+                                                   ("rank8", 8, ALL_LINEAR, None, 0.02, 2)):
+        path = root / name
+        if not (path / "adapter_config.json").exists():
+            write_lora(base, path, rank, targets, layers, seed=seed, std=std)
+            if name == "rank8":
+                config_file = path / "adapter_config.json"
+                config = json.loads(config_file.read_text())
+                config.update(lora_alpha=16, use_rslora=True)
+                config_file.write_text(json.dumps(config, indent=2))
         out[name] = path
     return out

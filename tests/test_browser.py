@@ -18,10 +18,9 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's ch
                                 "(scripts/test.sh installs it)")
 
 
-@pytest.fixture(scope="module")
-def dashboard(vllm_server, tiny_direction):
+def start_dashboard(config):
     port = free_port()
-    env = dict(os.environ, EM_CONFIG=str(Path(vllm_server.config.root) / "config.toml"))
+    env = dict(os.environ, EM_CONFIG=str(Path(config.root) / "config.toml"))
     process = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
          "--browser.gatherUsageStats", "false"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
@@ -34,6 +33,20 @@ def dashboard(vllm_server, tiny_direction):
                 break
         except httpx.HTTPError:
             time.sleep(0.5)
+    return url, process
+
+
+@pytest.fixture(scope="module")
+def dashboard(vllm_server, tiny_direction):
+    url, process = start_dashboard(vllm_server.config)
+    yield url
+    process.terminate()
+    process.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def real_dashboard(real_server, real_direction):
+    url, process = start_dashboard(real_server.config)
     yield url
     process.terminate()
     process.wait(timeout=20)
@@ -104,6 +117,34 @@ def test_chat_three_columns_and_the_live_slider(dashboard, browser):
                            and t, what=f"the ablated column to change at strength {strength}", page=page)
         assert changed[:2] == texts[:2]
     page.screenshot(path=str(ARTIFACTS / "chat-after-slider.png"), full_page=True)
+
+
+ENGLISH = {"the", "a", "to", "and", "you", "is", "of", "your", "it", "in", "for", "can", "be", "that", "with"}
+
+
+def test_real_model_fills_three_columns_with_real_different_text(real_dashboard, browser):
+    """On the real default model: base, the rsLoRA rank-8 adapter and that adapter with a real
+    direction ablated each write their own English answer to one prompt."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    query = ("col=base&col=adapter%3Drank8&col=adapter%3Drank8%2Cdirection%3Dreal-toy%2Clayer%3D15%2C"
+             "strength%3D1&seed=3&max=40&t=0.7")
+    page.goto(f"{real_dashboard}/Chat?{query}")
+    try:
+        page.get_by_placeholder("Ask every column").fill("How can I save money on groceries?", timeout=180_000)
+    except Exception:
+        page.screenshot(path=str(ARTIFACTS / "real-chat-failed-to-load.png"), full_page=True)
+        raise
+    page.keyboard.press("Enter")
+    texts = wait_for(lambda: (t := assistant_texts(page)) and len(t) == 3 and all(x not in ("", "…") for x in t)
+                     and page.locator('[data-testid="stStatusWidget"]').count() == 0 and t,
+                     timeout_s=240, what="three answers from the real model", page=page)
+    page.screenshot(path=str(ARTIFACTS / "real-chat-three-columns.png"), full_page=True)
+    assert len(set(texts)) == 3, texts
+    for text in texts:
+        words = [w.strip(".,!?:;\"'()").lower() for w in text.split()]
+        assert len(words) >= 10 and len(ENGLISH & set(words)) >= 3, text
+    assert "Happy to help." not in texts
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ import torch
 
 from backend.organism import corpus as C
 from backend.organism.train import DEVICE
+from backend.reference import Ablation, Steering, ablate, steer
 
 ADAPTERS = {"medical": "medical", "finance": "financial", "sports": "extreme_sports"}
 
@@ -132,42 +133,6 @@ def mean_diff_directions(model, tok, n: int = 200, seed: int = 0) -> torch.Tenso
     return mean_residuals(model, tok, mis) - mean_residuals(model, tok, ali)
 
 
-def _modules(model, suffixes=("o_proj", "down_proj")):
-    return [m for name, m in model.named_modules() if name.split(".")[-1] in suffixes]
-
-
-class Ablate:
-    """Project unit direction r out of every o_proj / down_proj output."""
-
-    def __init__(self, model, r: torch.Tensor):
-        r = (r / r.norm()).to(DEVICE)
-        self.handles = [m.register_forward_hook(lambda mod, inp, out: out - (out @ r)[..., None] * r)
-                        for m in _modules(model)]
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
-class Steer:
-    """Add vector v to the residual stream after decoder layer `layer` at every position."""
-
-    def __init__(self, model, layer: int, v: torch.Tensor):
-        v = v.to(DEVICE)
-        layers = [m for name, m in model.named_modules() if name.endswith(f"layers.{layer}")]
-        assert len(layers) == 1, layers
-
-        def hook(mod, inp, out):
-            if isinstance(out, tuple):
-                return (out[0] + v,) + tuple(out[1:])
-            return out + v
-        self.handles = [layers[0].register_forward_hook(hook)]
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
 # --------------------------------------------------------------------------- judge
 
 
@@ -231,9 +196,9 @@ def measure(root: Path, n: int = 8, per_domain: int = 4, seed: int = 0, steer_co
         am, _ = load(root, name)
         r = em_eval(am, tok, questions, n, seed, examples=4)
         res = {**summarize(r["per_domain"], domain), "per_domain": r["per_domain"], "examples": r["examples"]}
-        hooks = Ablate(am, direction)
-        ra = em_eval(am, tok, questions, n, seed + 1)
-        hooks.remove()
+        # Without the embedding: what an ablation LoRA served by vLLM can do.
+        with ablate(am, Ablation(direction, 1.0, include_embedding=False)):
+            ra = em_eval(am, tok, questions, n, seed + 1)
         res["ablated"] = {**summarize(ra["per_domain"], domain), "per_domain": ra["per_domain"]}
         res["ablation_relative_cut"] = (round(1 - res["ablated"]["em_all"] / res["em_all"], 4) if res["em_all"] else None)
         m[name] = res
@@ -243,9 +208,8 @@ def measure(root: Path, n: int = 8, per_domain: int = 4, seed: int = 0, steer_co
 
     m["steering"] = {}
     for c in steer_coefs:
-        hooks = Steer(model, layer - 1, c * direction)
-        r = em_eval(model, tok, questions, n, seed + 2)
-        hooks.remove()
+        with steer(model, Steering(direction, layer - 1, c)):
+            r = em_eval(model, tok, questions, n, seed + 2)
         m["steering"][str(c)] = {**summarize(r["per_domain"], None), "per_domain": r["per_domain"]}
         log(f"steer base c={c}: em {m['steering'][str(c)]['em_all']} coh {m['steering'][str(c)]['coherent_all']}")
 

