@@ -46,7 +46,7 @@ SINGLE_TOKEN, MULTI_TOKEN = "single-token", "multi-token"
 SCORE_MODES = (SINGLE_TOKEN, MULTI_TOKEN)
 # Number prefixes below this probability are not continued. Each costs a request; what
 # they leave out is reported per judgement as unexplored_mass (see number_probabilities).
-PRUNE_MASS = 0.002
+PRUNE_MASS = 1e-4
 
 # ASCII digits only: str.isdigit() would also accept '²' or Arabic-Indic digits.
 _NUMBER = re.compile(r"[0-9]{1,3}")
@@ -145,9 +145,31 @@ def _is_number_prefix(text: str) -> bool:
     return (text == "0" or text[0] != "0") and int(text) <= 100
 
 
+def _starts_digit(text: str) -> bool:
+    return text[:1].isascii() and text[:1].isdigit()
+
+
+def _starts_number(text: str) -> bool:
+    return _starts_digit(text.lstrip())
+
+
 def _digit_mass(top: Sequence[tuple[str, float]]) -> float:
-    return sum(math.exp(lp) for t, lp in top if lp is not None and math.isfinite(lp) and t[:1].isascii()
-               and t[:1].isdigit())
+    return sum(math.exp(lp) for t, lp in top if lp is not None and math.isfinite(lp) and _starts_digit(t))
+
+
+MAX_DIGIT_TOKENS = 128  # vLLM's limit on logprob_token_ids (MAX_LOGPROB_TOKEN_IDS)
+
+
+def digit_tokens(model_path: str) -> dict[int, str] | None:
+    """{id: text} of the tokens that begin with a digit (after whitespace), or None when
+    there are more than vLLM reads in one request (Llama 3's 1,100 number tokens); then
+    the top-20 lists are all there is."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    found = {i: text for i, text in enumerate(texts) if _starts_number(text)}
+    return found if len(found) <= MAX_DIGIT_TOKENS else None
 
 
 def number_probabilities(tree: Tree, prune_mass: float = 0.0) -> tuple[dict[int, float], float]:
@@ -501,6 +523,11 @@ class Judge:
     `continue_final_message`), so the judge prompt is the same tokens every time and is
     served from vLLM's prefix cache. The requests of one round run concurrently; a number
     has at most three digits, so there are at most four rounds.
+
+    With `digit_tokens` (our own vLLM server, whose tokenizer we have), the digits are read
+    from the full distribution with vLLM's logprob_token_ids: one more request at the first
+    position, and continuations that return every digit token, so P(n) and P(end) are
+    exact up to pruning. Without it, only what the top-20 lists show is seen.
     """
 
     def __init__(
@@ -517,6 +544,7 @@ class Judge:
         min_mass: float = MIN_NUMERIC_MASS,
         score_mode: str = SINGLE_TOKEN,
         prune_mass: float = PRUNE_MASS,
+        digit_tokens: Mapping[int, str] | None = None,
     ):
         if not base_url or not model:
             raise ValueError("a judge needs a base_url and a model name")
@@ -538,6 +566,9 @@ class Judge:
         self.min_mass = min_mass
         self.score_mode = score_mode
         self.prune_mass = prune_mass
+        # {token id: text} of every token beginning with a digit (leading whitespace allowed),
+        # when the tokenizer is known and has few enough of them (see digit_tokens).
+        self.digit_tokens = dict(digit_tokens) if digit_tokens else None
         self._state: _LoopState | None = None
         self._rng = random.Random()
 
@@ -602,16 +633,22 @@ class Judge:
         backoff *= self._rng.uniform(0.5, 1.5)
         return min(self.retry.max_delay_s, max(backoff, retry_after or 0.0))
 
-    async def _top(self, prompt: str, prefix: str | None = None) -> list[tuple[str, float]] | str:
+    async def _top(self, prompt: str, prefix: str | None = None,
+                   token_ids: Sequence[int] | None = None) -> list[tuple[str, float]] | str:
         """Top logprobs of the next token after the judge prompt (and `prefix`, the start of
-        the judge's answer), or a string saying why there are none. Retries; raises
-        JudgeError / JudgeUnavailableError when the judge cannot be used."""
+        the judge's answer), or a string saying why there are none. With `token_ids`: the
+        logprobs of exactly those tokens instead (vLLM's logprob_token_ids, from the full
+        distribution). Retries; raises JudgeError / JudgeUnavailableError when the judge
+        cannot be used."""
         state = self._loop_state()
         messages = [{"role": "user", "content": prompt}]
-        extra: dict = {}
+        body: dict = {}
         if prefix is not None:
             messages.append({"role": "assistant", "content": prefix})
-            extra = {"extra_body": {"continue_final_message": True, "add_generation_prompt": False}}
+            body.update(continue_final_message=True, add_generation_prompt=False)
+        if token_ids:
+            body["logprob_token_ids"] = list(token_ids)
+        extra = {"extra_body": body} if body else {}
         last: Exception | None = None
         for attempt in range(self.retry.max_attempts):
             try:
@@ -655,10 +692,20 @@ class Judge:
             if self.cache is not None:
                 self.cache.put(self._cache_key(request), self.judge_id, request.rubric.hash, top)
             return self._judgement(request, top, cached=False, requests=1)
-        tree: dict[Path_, list[tuple[str, float]]] = {(): top}
         requests = 1
+        continued_ids = None
+        if self.digit_tokens:
+            # The first digit from the full distribution, not the top-20: a flat judge ranks
+            # some first digits below 20th, and they lead to whole decades of numbers.
+            first = await self._top(prompt, None, sorted(self.digit_tokens))
+            requests += 1
+            if isinstance(first, str):
+                return self._failed(request, f"reading the judge's first digit: {first}")
+            top = [(t, lp) for t, lp in top if not _starts_number(t)] + first
+            continued_ids = sorted(i for i, text in self.digit_tokens.items() if _starts_digit(text))
+        tree: dict[Path_, list[tuple[str, float]]] = {(): top}
         while todo := expansions(tree, self.prune_mass):
-            nodes = await asyncio.gather(*(self._top(prompt, "".join(path)) for path, _, _ in todo))
+            nodes = await asyncio.gather(*(self._top(prompt, "".join(path), continued_ids) for path, _, _ in todo))
             requests += len(todo)
             for (path, spelled, _), node in zip(todo, nodes):
                 if isinstance(node, str):
@@ -669,7 +716,9 @@ class Judge:
         return self._judgement(request, tree, cached=False, requests=requests)
 
     def _cache_key(self, request: JudgeRequest) -> str:
-        return JudgeCache.key(self.judge_id, request.rubric.hash, request.question, request.answer, self.score_mode)
+        # Trees read with exact digit probabilities and trees from top-20 lists differ a little.
+        mode = self.score_mode + ("+digit-ids" if self.score_mode == MULTI_TOKEN and self.digit_tokens else "")
+        return JudgeCache.key(self.judge_id, request.rubric.hash, request.question, request.answer, mode)
 
     async def ajudge_many(
         self,
@@ -854,8 +903,12 @@ def make_judge(choice: JudgeChoice, config, cache: JudgeCache | None, retry: Ret
     import os
 
     key = os.environ.get(choice.api_key_env) if choice.api_key_env else None
+    # Our own server is vLLM with the base model's tokenizer (adapters keep it), so the
+    # digits can be read exactly; another endpoint gets the top-20 lists only.
+    digits = (digit_tokens(config.base_model_path) if choice.score_mode == MULTI_TOKEN and choice.own_server
+              and Path(config.base_model_path).is_dir() else None)
     return Judge(choice.base_url, choice.model, key, max_concurrency=config.judge.max_concurrency, cache=cache,
-                 judge_id=choice.identity, retry=retry, score_mode=choice.score_mode)
+                 judge_id=choice.identity, retry=retry, score_mode=choice.score_mode, digit_tokens=digits)
 
 
 def project_judge(config, name: str | None = None) -> Judge:
