@@ -592,7 +592,7 @@ class Judge:
             raise JudgeError(f"environment variable {config.api_key_env} (judge.api_key_env) is not set")
         mode = config.score_mode if config.score_mode != "auto" else (score_mode or SINGLE_TOKEN)
         return cls(base_url, config.model, config.api_key, max_concurrency=config.max_concurrency,
-                   cache=cache, judge_id=judge_id, score_mode=mode)
+                   cache=cache, judge_id=judge_id, score_mode=mode, prune_mass=config.prune_mass)
 
     def _loop_state(self) -> _LoopState:
         loop = asyncio.get_running_loop()
@@ -736,6 +736,8 @@ class Judge:
         pending: list[int] = []
         for index, request in enumerate(requests):
             answer = cached.get(self._cache_key(request)) if cached else None
+            if isinstance(answer, Mapping) and expansions(answer, self.prune_mass):
+                answer = None  # pruned more coarsely than this judge prunes: ask again
             if answer is not None:
                 results[index] = self._judgement(request, answer, cached=True)
                 if on_result is not None:
@@ -908,7 +910,8 @@ def make_judge(choice: JudgeChoice, config, cache: JudgeCache | None, retry: Ret
     digits = (digit_tokens(config.base_model_path) if choice.score_mode == MULTI_TOKEN and choice.own_server
               and Path(config.base_model_path).is_dir() else None)
     return Judge(choice.base_url, choice.model, key, max_concurrency=config.judge.max_concurrency, cache=cache,
-                 judge_id=choice.identity, retry=retry, score_mode=choice.score_mode, digit_tokens=digits)
+                 judge_id=choice.identity, retry=retry, score_mode=choice.score_mode, digit_tokens=digits,
+                 prune_mass=config.judge.prune_mass)
 
 
 def project_judge(config, name: str | None = None) -> Judge:
