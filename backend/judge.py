@@ -701,7 +701,10 @@ class Judge:
             requests += 1
             if isinstance(first, str):
                 return self._failed(request, f"reading the judge's first digit: {first}")
-            top = [(t, lp) for t, lp in top if not _starts_number(t)] + first
+            # The answer also carries the sampled token (vLLM adds it to the requested ids);
+            # keep the digits only, or a sampled word would be counted twice.
+            top = [(t, lp) for t, lp in top if not _starts_number(t)] + [(t, lp) for t, lp in first
+                                                                         if _starts_number(t)]
             continued_ids = sorted(i for i, text in self.digit_tokens.items() if _starts_digit(text))
         tree: dict[Path_, list[tuple[str, float]]] = {(): top}
         while todo := expansions(tree, self.prune_mass):
@@ -710,7 +713,7 @@ class Judge:
             for (path, spelled, _), node in zip(todo, nodes):
                 if isinstance(node, str):
                     return self._failed(request, f"continuing the judge's answer {spelled!r}: {node}")
-                tree[path] = node
+                tree[path] = list(dict(node).items())  # the sampled token may come twice
         if self.cache is not None:
             self.cache.put(self._cache_key(request), self.judge_id, request.rubric.hash, tree)
         return self._judgement(request, tree, cached=False, requests=requests)

@@ -476,7 +476,8 @@ def test_transport_multi_token_requests_continue_the_answer(fake, tmp_path):
     # vLLM-only body keys, and with digit ids every request names them.
     nodes = {None: [("8", L(0.7)), ("x", L(0.3))], "8": [("5", L(0.5)), ("!", L(0.5))], "85": [("!", 0.0)],
              "0": [("!", 0.0)]}
-    digits = [("0", L(0.001)), ("8", L(0.7))]
+    # vLLM returns the sampled token beside the requested ids ('x' here, the greedy choice).
+    digits = [("x", L(0.3)), ("0", L(0.001)), ("8", L(0.7))]
 
     def answer(body):
         messages = body["messages"]
@@ -499,6 +500,7 @@ def test_transport_multi_token_requests_continue_the_answer(fake, tmp_path):
     # P(8) = 0.7 * 0.5 (ends on '!'), P(85) = 0.7 * 0.5; '0' at 0.001 is below the prune mass.
     assert result.score == pytest.approx((8 + 85) / 2) and result.numeric_mass == pytest.approx(0.7)
     assert result.unexplored_mass == pytest.approx(0.001)
+    assert [t for t, _ in dict(result.tree)[()]] == ["x", "0", "8"]  # 'x' once, from the top-20
     def judge_with(prune):
         return Judge(fake.base_url, "m", cache=JudgeCache(tmp_path / "c.sqlite"), score_mode=MULTI_TOKEN,
                      digit_tokens={32: "0", 40: "8"}, prune_mass=prune).judge("q", "a", RUBRICS["coherent"])
