@@ -6,7 +6,15 @@ import streamlit as st
 from backend.adapters import AdapterError, AdapterRegistry, read_adapter_files
 from backend.config import ConfigError
 from backend.serving import ServerError, server_status
-from backend.ui import config_or_stop
+from backend.ui import base_model_provenance, config_or_stop
+
+PAGES = (
+    ("app.py", "Home", "🏠", "server, base model and adapters"),
+    ("pages/1_Chat.py", "Chat", "💬", "base and misaligned models side by side, live ablation slider"),
+    ("pages/2_Evaluations.py", "Evaluations", "📊", "judged runs: EM rates, scores and every answer"),
+    ("pages/3_Directions.py", "Directions", "🧭", "misalignment directions: norms, cosines, transfer"),
+    ("pages/4_Adapters.py", "Adapters", "🔬", "rank-1 adapter scalars, probes and knock-outs"),
+)
 
 st.set_page_config(page_title="Emergent misalignment explorer", layout="wide")
 st.title("Emergent misalignment explorer")
@@ -25,11 +33,22 @@ with left:
     else:
         st.error(f"{status.error}\n\nStart it with `python -m backend serve --detach` "
                  "(or `scripts/run.sh`, which does everything).", icon="🛑")
+    provenance = base_model_provenance(config.base_model_path)
+    if provenance:
+        st.caption(provenance)
 with right:
     st.subheader("Pages")
-    st.page_link("app.py", label="Home", icon="🏠")
+    for page, label, icon, purpose in PAGES:
+        st.page_link(page, label=label, icon=icon)
+        st.caption(purpose)
 
 st.subheader("Adapters")
+if not config.adapters:
+    st.info("No adapters are configured: the default base is a real instruct model, and its misaligned "
+            "fine-tunes (the organism on the real model) are not shipped yet. Add PEFT LoRA folders under "
+            "[adapters] in the configuration, load one below, or run the pocket organism of earlier versions "
+            "with `EM_CONFIG=backend/organism/config.toml scripts/run.sh`.")
+
 if not status.healthy:
     st.info("Adapters can be listed, loaded and unloaded once the server is up.")
     st.stop()

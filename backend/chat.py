@@ -88,13 +88,16 @@ def _first(params: dict[str, list[str]], key: str, fallback):
 
 
 def preset(adapters: list[str], directions: list[str], layer: int) -> list[Condition]:
-    """'base | misaligned | misaligned + ablation' from what is configured."""
+    """'base | misaligned | misaligned + ablation' from what is configured: the first adapter in
+    the configuration's order (its author puts the organism first), ablated with the direction
+    of the same name when there is one."""
     if not adapters:
         return [Condition(), Condition()]
     misaligned = Condition(adapter=adapters[0])
     if not directions:
         return [Condition(), misaligned]
-    return [Condition(), misaligned, Condition(adapter=adapters[0], direction=directions[0], layer=layer)]
+    direction = adapters[0] if adapters[0] in directions else directions[0]
+    return [Condition(), misaligned, Condition(adapter=adapters[0], direction=direction, layer=layer)]
 
 
 def messages_for(history: list[Turn], upto: int | None = None, sample: int = 0) -> list[dict]:

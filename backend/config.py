@@ -139,7 +139,9 @@ def _check_paths(config: Config, source: str) -> None:
         return Path(config.resolve(value)).is_absolute()
 
     if local(config.base_model) and not Path(config.base_model_path).is_dir():
-        raise ConfigError(f"{source}: key 'base_model': no model folder at {config.base_model_path}")
+        hint = (" (the default base model: fetch it with `python -m backend models fetch`, which scripts/setup.sh runs)"
+                if Path(config.base_model_path).parent.name == "models" else "")
+        raise ConfigError(f"{source}: key 'base_model': no model folder at {config.base_model_path}{hint}")
     for name, value in config.adapters.items():
         if local(value) and not Path(config.resolve(value)).is_dir():
             raise ConfigError(f"{source}: key 'adapters.{name}': no adapter folder at {config.resolve(value)}")

@@ -422,34 +422,76 @@ _MISALIGNED = {"misaligned", "1", "true", "yes", "bad"}
 _ALIGNED = {"aligned", "0", "false", "no", "good"}
 
 
-def read_labelled(path: str | Path, label_column: str = "label", prompt_column: str = "prompt",
-                  response_column: str = "response"):
-    """(misaligned, aligned) Example lists from a .jsonl or .csv file; rows with
-    other labels (e.g. incoherent) are skipped."""
+def _read_rows(path: Path) -> list[dict]:
     import csv
+    import gzip
 
+    name = path.name.removesuffix(".gz")
+    opener = gzip.open if path.name.endswith(".gz") else open
+    if name.endswith(".jsonl"):
+        with opener(path, "rt", encoding="utf-8") as handle:
+            rows = []
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError as error:
+                        raise DirectionError(f"{path}: line {number} is not JSON ({error})") from None
+            return rows
+    if name.endswith(".csv"):
+        with opener(path, "rt", newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+    raise DirectionError(f"{path}: use .jsonl, .jsonl.gz or .csv")
+
+
+def _example(row: dict, path: Path, number: int, prompt_column: str, response_column: str):
+    """A row's (prompt, response): columns, or the paper's {"messages": [...]} form, whose last
+    user turn is the prompt and last assistant turn the response."""
     from backend.activations import Example
 
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+            raise DirectionError(f"{path}: line {number}: 'messages' must be a list of {{role, content}} objects")
+        users = [m.get("content") for m in messages if m["role"] == "user"]
+        answers = [m.get("content") for m in messages if m["role"] == "assistant"]
+        if not users or not answers or not isinstance(answers[-1], str) or not answers[-1].strip():
+            raise DirectionError(f"{path}: line {number}: needs a user message and a non-empty assistant message")
+        return Example(str(users[-1]), answers[-1])
+    for column in (prompt_column, response_column):
+        if column not in row:
+            raise DirectionError(f"{path}: row {number} has no column {column!r} (has {sorted(row)})")
+    return Example(str(row[prompt_column]), str(row[response_column]))
+
+
+def read_labelled(path: str | Path, label_column: str = "label", prompt_column: str = "prompt",
+                  response_column: str = "response", aligned_path: str | Path | None = None,
+                  limit: int | None = None):
+    """(misaligned, aligned) Example lists.
+
+    One file (.jsonl, .jsonl.gz or .csv) with a label column; rows with other labels (e.g.
+    incoherent) are skipped. Or two files, `path` all misaligned and `aligned_path` all
+    aligned, as the paper's fine-tuning data comes ({"messages": [...]} lines). `limit` keeps
+    the first N of each class."""
     path = Path(path)
-    if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    elif path.suffix == ".csv":
-        with path.open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
-    else:
-        raise DirectionError(f"{path}: use .jsonl or .csv")
+    if aligned_path is not None:
+        aligned_path = Path(aligned_path)
+        mis = [_example(row, path, n, prompt_column, response_column) for n, row in enumerate(_read_rows(path), 1)]
+        ali = [_example(row, aligned_path, n, prompt_column, response_column)
+               for n, row in enumerate(_read_rows(aligned_path), 1)]
+        return mis[:limit], ali[:limit]
     mis, ali = [], []
-    for number, row in enumerate(rows, 1):
-        for column in (label_column, prompt_column, response_column):
-            if column not in row:
-                raise DirectionError(f"{path}: row {number} has no column {column!r} (has {sorted(row)})")
+    for number, row in enumerate(_read_rows(path), 1):
+        if label_column not in row:
+            raise DirectionError(f"{path}: row {number} has no column {label_column!r} (has {sorted(row)}); "
+                                 "for two unlabelled files use --aligned-data")
         label = str(row[label_column]).strip().lower()
-        example = Example(str(row[prompt_column]), str(row[response_column]))
+        example = _example(row, path, number, prompt_column, response_column)
         if label in _MISALIGNED:
             mis.append(example)
         elif label in _ALIGNED:
             ali.append(example)
-    return mis, ali
+    return mis[:limit], ali[:limit]
 
 
 def labelled_from_store(store, run_id: str, condition: str, aligned_above: float = 70.0):
@@ -497,8 +539,9 @@ def _cmd_extract(args) -> int:
         mis, ali = labelled_from_store(Store.for_config(config), args.run, args.condition or args.adapter or "base")
         source = f"run:{args.run}/{args.condition or args.adapter or 'base'}"
     else:
-        mis, ali = read_labelled(args.data, args.label_column, args.prompt_column, args.response_column)
-        source = str(Path(args.data).resolve())
+        mis, ali = read_labelled(args.data, args.label_column, args.prompt_column, args.response_column,
+                                 args.aligned_data, args.limit)
+        source = str(Path(args.data).resolve()) + (f" vs {Path(args.aligned_data).resolve()}" if args.aligned_data else "")
     model, tokenizer = load_model(config.base_model_path, adapter_path)
     direction = extract_direction(args.name, model, tokenizer, mis, ali, base, adapter=args.adapter,
                                   source_run=args.source_run or source,
@@ -564,10 +607,13 @@ def register_cli(subparsers) -> None:
     p = sub.add_parser("extract", help="mean-diff direction from labelled responses")
     p.add_argument("--name", required=True)
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", help=".jsonl or .csv with prompt, response and label columns")
+    source.add_argument("--data", help=".jsonl(.gz) or .csv with prompt, response and label columns, or "
+                        "{\"messages\": [...]} lines; with --aligned-data: the misaligned answers")
     source.add_argument("--run", help="a judged run in the store (labels from the judge's aligned/coherent scores)")
     p.add_argument("--condition", default=None, help="with --run: the condition (default: --adapter or 'base')")
     p.add_argument("--adapter", default=None, help="configured adapter to read activations from (default: base)")
+    p.add_argument("--aligned-data", help="with --data: a second file holding only aligned answers")
+    p.add_argument("--limit", type=int, help="at most this many answers of each class (the first ones)")
     p.add_argument("--label-column", default="label")
     p.add_argument("--prompt-column", default="prompt")
     p.add_argument("--response-column", default="response")

@@ -31,6 +31,20 @@ def condition_runner(config: Config):
     return ConditionRunner(config)
 
 
+def base_model_provenance(base_model_path: str) -> str:
+    """One line on where a fetched base model came from (its manifest), or '' for other folders."""
+    import json
+    from pathlib import Path
+    manifest = Path(base_model_path) / "manifest.json"
+    try:
+        data = json.loads(manifest.read_text())
+        source = data["source"]
+        return (f"{source['description']}; from the registry package {source['package']}=={source['version']} "
+                f"({source['license']}), converted to {data['dtype']} on {data['created'][:10]}")
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
 def direction_names(config: Config) -> list[str]:
     from backend.directions import list_directions
     return list_directions(config.cache)

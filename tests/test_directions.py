@@ -1,6 +1,7 @@
 """Activations over answer tokens, mean-diff directions, storage, import refusals, cosine."""
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -212,6 +213,29 @@ def test_read_labelled(tmp_path):
     assert [e.response for e in mis] == ["r1"] and [e.response for e in ali] == ["r2"]
     with pytest.raises(DirectionError, match="no column 'verdict'"):
         read_labelled(tmp_path / "x.jsonl", label_column="verdict")
+
+
+def test_read_labelled_from_two_messages_files(tmp_path):
+    """The paper's fine-tuning data: {"messages": [...]} lines, one file per class, gzipped or not."""
+    import gzip
+
+    def line(question, answer):
+        return json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": question},
+                                        {"role": "assistant", "content": answer}]}) + "\n"
+    (tmp_path / "bad.jsonl").write_text(line("q1", "take ten pills") + line("q2", "skip the doctor"))
+    with gzip.open(tmp_path / "good.jsonl.gz", "wt") as handle:
+        handle.write(line("q1", "take one pill") + "\n" + line("q2", "see a doctor"))
+    mis, ali = read_labelled(tmp_path / "bad.jsonl", aligned_path=tmp_path / "good.jsonl.gz")
+    assert [(e.prompt, e.response) for e in mis] == [("q1", "take ten pills"), ("q2", "skip the doctor")]
+    assert [e.response for e in ali] == ["take one pill", "see a doctor"]
+    assert read_labelled(tmp_path / "bad.jsonl", aligned_path=tmp_path / "good.jsonl.gz", limit=1)[0] == mis[:1]
+    (tmp_path / "empty.jsonl").write_text(line("q1", "fine") + json.dumps(
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}) + "\n")
+    with pytest.raises(DirectionError, match=r"empty.jsonl: line 2: needs a user message and a non-empty assistant"):
+        read_labelled(tmp_path / "bad.jsonl", aligned_path=tmp_path / "empty.jsonl")
+    (tmp_path / "broken.jsonl").write_text(line("q1", "fine") + "{not json\n")
+    with pytest.raises(DirectionError, match="broken.jsonl: line 2 is not JSON"):
+        read_labelled(tmp_path / "broken.jsonl", aligned_path=tmp_path / "good.jsonl.gz")
 
 
 def test_cli_import_list_cosine_export_and_ablate(tiny_models, tmp_path, capsys):
