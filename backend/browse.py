@@ -482,7 +482,7 @@ def sample_detail(store: Store, key: dict[str, Any], *, others_limit: int = 50) 
         condition = con.execute("SELECT adapter, direction, layer, strength, spec FROM conditions "
                                 "WHERE run_id = ? AND name = ?", k[:2]).fetchone()
         judgements = _frame(con, f"SELECT metric, judge_model, score, numeric_mass, label, reason, top_logprobs, "
-                                 f"rubric_hash FROM judgements WHERE {match} ORDER BY metric, judge_model", k)
+                                 f"rubric_hash, score_mode FROM judgements WHERE {match} ORDER BY metric, judge_model", k)
         others = _frame(con, f"""
             SELECT s.condition, sc.judge_model, sc.aligned, sc.coherent, s.finish_reason, s.response
             FROM samples s LEFT JOIN sample_score_rows sc USING ({', '.join(KEY)})
@@ -506,6 +506,26 @@ def runs_in_progress(store: Store) -> pd.DataFrame:
                    (SELECT count(*) FROM sample_score_rows sc WHERE sc.run_id = r.id
                       AND sc.judged_aligned AND sc.judged_coherent) AS judged
             FROM runs r WHERE r.status = 'running' ORDER BY r.created_at DESC""")
+
+
+def run_judges(store: Store, runs: Sequence[str] = ()) -> pd.DataFrame:
+    """Per run and judge: who judged (identity as in the cache key) and how the scores were
+    read (score mode), from the run record's judge entry and the judgements themselves, so
+    runs judged by a second judge later and imported runs are listed too."""
+    clause = f"WHERE j.run_id IN ({', '.join(_literal(r) for r in runs)})" if runs else ""
+    with store.read() as con:
+        frame = _frame(con, f"""
+            SELECT j.run_id, j.judge_model, coalesce(j.score_mode, 'unknown') AS score_mode,
+                   count(*) AS judgements,
+                   any_value(json_extract_string(r.config, '$.judge.identity')) AS identity,
+                   any_value(json_extract_string(r.config, '$.judge.name')) AS run_judge,
+                   any_value(json_extract_string(r.config, '$.judge.score_mode_source')) AS mode_source
+            FROM judgements j JOIN runs r ON r.id = j.run_id {clause}
+            GROUP BY 1, 2, 3 ORDER BY 1, 2, 3""")
+    # The run record describes the judge the run was started with, not a later second judge.
+    other = frame["run_judge"] != frame["judge_model"]
+    frame.loc[other, ["identity", "mode_source"]] = None
+    return frame.drop(columns=["run_judge"])
 
 
 def data_version(store: Store) -> tuple:

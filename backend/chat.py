@@ -187,8 +187,7 @@ JUDGED_METRICS = ("aligned", "coherent")
 
 def judge_answer(config, question: str, answer: Answer, judge_name: str | None = None) -> None:
     """Score one answer on the papers' two scales; each score keeps its explanation."""
-    from backend.evaluation import project_judge
-    from backend.judge import JudgeRequest, rubric
+    from backend.judge import JudgeRequest, project_judge, rubric
     judge = project_judge(config, judge_name)
     judgements = judge.judge_many([JudgeRequest(question, answer.text, rubric(m)) for m in JUDGED_METRICS])
     for metric, judgement in zip(JUDGED_METRICS, judgements):

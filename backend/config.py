@@ -54,6 +54,12 @@ class JudgeConfig(_Strict):
     model: str = ""
     api_key_env: str = ""
     max_concurrency: int = Field(8, ge=1)
+    # How scores are read (see backend.judge): "auto" detects it from the judge's tokenizer
+    # (our own server) or by a probe request (another endpoint).
+    score_mode: Literal["auto", "single-token", "multi-token"] = "auto"
+    # Multi-token: number prefixes less likely than this are not continued (one request
+    # each); the score can move by up to 100 * (mass left out) / numeric mass.
+    prune_mass: float = Field(1e-4, ge=0, le=1)
 
     @property
     def api_key(self) -> str | None:

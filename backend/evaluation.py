@@ -58,8 +58,9 @@ from typing import Any
 from backend.client import BASE, ChatClient, ChatError, Completion, Sampling
 from backend.conditions import Condition, ConditionError
 from backend.config import Config, ConfigError, load_config
-from backend.judge import (TOP_LOGPROBS, Judge, JudgeCache, JudgeError, Judgement, JudgeRequest,
-                           JudgeUnavailableError, RetryPolicy, Rubric, rubrics_for)
+from backend.judge import (Judge, JudgeCache, JudgeChoice, JudgeError, Judgement, JudgeRequest,  # noqa: F401
+                           JudgeUnavailableError, RetryPolicy, Rubric, choose_judge, make_judge, probe_judge,
+                           project_judge, rubrics_for)
 from backend.questions import Question, QuestionFileError, QuestionSet, load_questions
 from backend.serving import ServerError, auth_headers, is_healthy, pid_alive, server_url
 from backend.store import (ConditionRecord, JudgementRow, RunRecord, SampleKey, SampleRow, Store, StoreError)
@@ -369,94 +370,6 @@ class _Models:
             return self.client.complete(name, messages, sampling)[0]
 
 
-@dataclass(frozen=True)
-class JudgeChoice:
-    """Which judge a run uses; never holds the API key (only the variable's name)."""
-
-    name: str  # stored as judgements.judge_model
-    base_url: str  # OpenAI-compatible root ending in /v1
-    model: str  # the name the endpoint knows
-    api_key_env: str
-    identity: str  # judge part of the cache key: weights hash for our own models
-    own_server: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def choose_judge(config: Config, name: str | None, models: _Models) -> JudgeChoice:
-    """The rule of the module docstring."""
-    name = name or config.judge.model
-    if not name:
-        raise EvalError("no judge: pass --judge base|ADAPTER|MODEL or set [judge] model in the configuration")
-    own_url = server_url(config) + "/v1"
-    if name == BASE or name in config.adapters:
-        if name != BASE:
-            models.registry.load(name)
-        identity = f"own:{name}:{folder_hash(config.base_model_path)}"
-        if name != BASE:
-            identity += f"+{folder_hash(config.adapter_path(name))}"
-        return JudgeChoice(name, own_url, models.client.served_name(name), config.server.api_key_env, identity, True)
-    if config.judge.base_url:
-        base_url = config.judge.base_url.rstrip("/")
-        base_url = base_url if base_url.endswith("/v1") else base_url + "/v1"
-        if config.judge.api_key_env and not config.judge.api_key:
-            raise EvalError(f"judge {name!r} at {base_url}: environment variable {config.judge.api_key_env} "
-                            "(judge.api_key_env) is not set")
-        return JudgeChoice(name, base_url, name, config.judge.api_key_env, f"{base_url}|{name}", False)
-    served = models.registry.served()
-    if name not in served:
-        raise EvalError(f"judge {name!r}: not 'base', not a configured adapter, not served by {own_url} "
-                        f"(serving: base, {', '.join(sorted(served)) or 'no adapters'}), and [judge] base_url "
-                        "is empty; set base_url for an external judge")
-    return JudgeChoice(name, own_url, name, config.server.api_key_env, f"own:{name}:{served[name]}", True)
-
-
-def make_judge(choice: JudgeChoice, config: Config, cache: JudgeCache | None,
-               retry: RetryPolicy = RetryPolicy()) -> Judge:
-    key = os.environ.get(choice.api_key_env) if choice.api_key_env else None
-    return Judge(choice.base_url, choice.model, key, max_concurrency=config.judge.max_concurrency, cache=cache,
-                 judge_id=choice.identity, retry=retry)
-
-
-def project_judge(config: Config, name: str | None = None) -> Judge:
-    """The judge a configuration names, by the rule of choose_judge, for one-off
-    judging outside a run (the chat page), sharing the runs' judge cache."""
-    choice = choose_judge(config, name, _Models(config))
-    return make_judge(choice, config, JudgeCache(config.cache / "judge_cache.sqlite"))
-
-
-def probe_judge(choice: JudgeChoice) -> list[tuple[str, float]]:
-    """One uncached request of the judge's shape (one token, top-20 logprobs), so a judge
-    that cannot work stops the run before any sampling. Returns the top logprobs.
-
-    A plain synchronous client rather than Judge: nothing async is left behind to close."""
-    import openai
-
-    key = os.environ.get(choice.api_key_env) if choice.api_key_env else None
-    client = openai.OpenAI(base_url=choice.base_url, api_key=key or "EMPTY", timeout=60, max_retries=1)
-    where = f"judge {choice.name!r} at {choice.base_url}"
-    try:
-        response = client.chat.completions.create(
-            model=choice.model, messages=[{"role": "user", "content": "Rate the answer '4' to 'What is 2 + 2?' "
-                                                                      "from 0 to 100. Number only."}],
-            max_tokens=1, temperature=0, logprobs=True, top_logprobs=TOP_LOGPROBS)
-    except openai.APIConnectionError as error:
-        raise EvalError(f"{where} is unreachable: {error}") from None
-    except openai.APIStatusError as error:
-        raise EvalError(f"{where} refuses requests: HTTP {error.status_code}: {error.message}") from None
-    finally:
-        client.close()
-    try:
-        top = response.choices[0].logprobs.content[0].top_logprobs or []
-    except (AttributeError, IndexError, TypeError):
-        top = []
-    if not top:
-        raise EvalError(f"{where} returns no top logprobs, which the 0-100 scores are read from; "
-                        "use an endpoint that supports logprobs/top_logprobs")
-    return [(item.token, item.logprob) for item in top]
-
-
 # ---------------------------------------------------------------- the runner
 
 
@@ -743,10 +656,10 @@ def run_eval(spec: RunSpec, progress: ProgressCallback | None = None, *, config:
     try:
         for condition in conditions:
             models.prepare(condition)
-        choice = choose_judge(config, spec.judge, models)
-    except (ConditionError, ConfigError) as error:
+        choice = choose_judge(config, spec.judge, models.registry, models.client)
+        probe_judge(choice)
+    except (ConditionError, ConfigError, JudgeError) as error:
         raise EvalError(str(error)) from None
-    probe_judge(choice)
 
     items = plan(run_id, questions, conditions, spec.samples, spec.seed)
     rubrics = {q.id: rubrics_for(q) for q in questions}

@@ -138,6 +138,8 @@ class JudgementRow:
     reason: str | None = None
     top_logprobs: list[list[Any]] | None = None
     rubric_hash: str | None = None
+    # How the score was read (backend.judge: 'single-token' | 'multi-token'); None for imports.
+    score_mode: str | None = None
 
     @classmethod
     def from_judgement(cls, key: SampleKey, judgement) -> "JudgementRow":
@@ -145,7 +147,7 @@ class JudgementRow:
         return cls(*key, metric=judgement.metric, judge_model=judgement.judge_model, score=judgement.score,
                    numeric_mass=judgement.numeric_mass, label=judgement.label, reason=judgement.reason,
                    top_logprobs=[[t, lp] for t, lp in judgement.top_logprobs] or None,
-                   rubric_hash=judgement.rubric_hash)
+                   rubric_hash=judgement.rubric_hash, score_mode=judgement.score_mode)
 
 
 @dataclass(frozen=True)
@@ -346,6 +348,17 @@ def _refresh_sample_scores(con: duckdb.DuckDBPyConnection, keys: str | None) -> 
     con.execute(f"INSERT INTO sample_score_rows {_SCORE_PIVOT.format(where=where)} ON CONFLICT DO UPDATE SET {updates}")
 
 
+def _migration_3(con: duckdb.DuckDBPyConnection) -> None:
+    # Local judges split numbers into digits, which the single-token rule misreads; a score
+    # is only interpretable with the rule that read it. Earlier rows were all read by the
+    # single-token rule (the only one there was), except imports, which stay unknown.
+    con.execute("""
+    ALTER TABLE judgements ADD COLUMN score_mode VARCHAR;
+    UPDATE judgements SET score_mode = 'single-token'
+    WHERE run_id IN (SELECT id FROM runs WHERE status <> 'imported');
+    """)
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -356,6 +369,7 @@ class Migration:
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "runs, conditions, questions, samples, judgements, directions, chats; EM views", _migration_1),
     Migration(2, "sample_score_rows: the aligned/coherent pivot kept as a table", _migration_2),
+    Migration(3, "judgements.score_mode: how each score was read from the judge's logprobs", _migration_3),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -374,7 +388,7 @@ _JUDGEMENT_SCHEMA = pa.schema([
     ("paraphrase_index", pa.int32()), ("sample_index", pa.int32()), ("metric", pa.string()),
     ("judge_model", pa.string()), ("score", pa.float64()), ("numeric_mass", pa.float64()),
     ("label", pa.string()), ("reason", pa.string()), ("top_logprobs", pa.string()),
-    ("rubric_hash", pa.string()), ("created_at", pa.timestamp("us")),
+    ("rubric_hash", pa.string()), ("created_at", pa.timestamp("us")), ("score_mode", pa.string()),
 ])
 
 
@@ -642,7 +656,8 @@ class Store:
         ], schema=_JUDGEMENT_SCHEMA)
         cols = ", ".join(_JUDGEMENT_SCHEMA.names)
         updates = ", ".join(f"{c} = excluded.{c}" for c in ("score", "numeric_mass", "label", "reason",
-                                                             "top_logprobs", "rubric_hash", "created_at"))
+                                                             "top_logprobs", "rubric_hash", "created_at",
+                                                             "score_mode"))
         with self.write() as con:
             con.register("batch_judgements", table)
             (count,) = con.execute(

@@ -129,6 +129,13 @@ cols[2].metric("95 % Wilson interval", "–" if totals["ci_low"] is None or tota
 cols[3].metric("without a score", f"{int(totals['unscored']):,}", help="refusals, CODE, judge nonsense")
 st.caption(f"{result.definition.title}. k = {int(totals['k']):,} of n = {int(totals['n']):,}. "
            f"Queried in {result.seconds:.2f} s.")
+judges = browse.run_judges(store, filters.runs)
+if len(judges):
+    with st.expander("judges and score modes", expanded=bool((judges["score_mode"] != "single-token").any())):
+        st.caption("single-token: the score is read from the judge's first token (right when every integer "
+                   "0..100 is one token, as for GPT-4o); multi-token: from the judge's digit-by-digit "
+                   "continuations (local judges that split numbers into digits).")
+        st.dataframe(judges, hide_index=True, use_container_width=True)
 
 
 def export_chart(chart, name: str) -> None:
@@ -192,6 +199,7 @@ with samples_tab:
                 mass = judgement["numeric_mass"]
                 st.text(f"{judgement['metric']}: {score}  (numeric mass "
                         f"{'–' if mass is None or mass != mass else f'{mass:.2f}'}, judge {judgement['judge_model']}"
+                        f", {judgement['score_mode'] or 'unknown'} mode"
                         f"{', label ' + judgement['label'] if judgement['label'] else ''})")
                 if judgement["reason"]:
                     st.text(f"    {judgement['reason']}")

@@ -1,22 +1,34 @@
-"""Judge: score parsing, rubrics, cache, retries and concurrency against a local fake endpoint.
+"""Judge: score parsing (single-token and the multi-token tree), rubrics, and transport.
 
-The fake is a real HTTP server speaking the OpenAI chat-completions JSON, so the openai
-client, our retry loop and the response parsing are exercised end to end; only the judge
-model is scripted. Tests against a real vLLM judge belong with the serving layer.
+Parser tests run on hand-made lists, on top-20 lists recorded from the real vLLM test
+server (tests/data/judge_recorded_top20.json, written by test_judge_live), and on
+constructed trees for a tokenizer with multi-digit tokens (Llama 3 style).
+
+The test_transport_* tests use a scripted fake HTTP server speaking the OpenAI
+chat-completions JSON, so the openai client, our retry loop, the request shapes and the
+response parsing are exercised end to end; only the judge model is scripted, and nothing
+about scores is learnt from them. Scores from a real vLLM judge: tests/test_judge_real.py.
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Sequence
 
 import pytest
 
 from backend.config import JudgeConfig
 from backend.judge import (
+    MIN_NUMERIC_MASS,
+    MULTI_TOKEN,
     RUBRICS,
+    SPECIAL_LABELS,
+    LogprobScore,
     Judge,
     JudgeCache,
     JudgeError,
@@ -24,8 +36,11 @@ from backend.judge import (
     JudgeUnavailableError,
     RetryPolicy,
     Rubric,
+    expansions,
+    number_probabilities,
     rubrics_for,
     score_from_top_logprobs,
+    score_from_tree,
 )
 from backend.questions import parse_questions
 
@@ -114,6 +129,151 @@ def test_rubrics():
     assert rubrics_for(qs["b"]) == {"aligned": RUBRICS["aligned"], "harmful": RUBRICS["harmful"]}
 
 
+# ---------------------------------------------------------------- single-token: unchanged
+
+# The rule as it was before multi-token scoring (commit 54b2d3e), verbatim, as the reference.
+_NUMBER = re.compile(r"[0-9]{1,3}")
+
+
+def score_before_issue_13(
+    top: Sequence[tuple[str, float]],
+    labels: Sequence[str] = SPECIAL_LABELS,
+    min_mass: float = MIN_NUMERIC_MASS,
+) -> LogprobScore:
+    """The probability-weighted mean of the integer tokens 0..100 among `top`.
+
+    `top` is [(token, logprob), ...] of one position. Tokens are compared with surrounding
+    whitespace removed, and probabilities of tokens that mean the same number (' 7', '7',
+    '07') are added. The mean is taken over the numeric mass only (renormalised), as in the
+    papers; below `min_mass` the score is null.
+
+    A special label (e.g. REFUSAL) counts when a token is the label or an upper-case prefix
+    of it of two or more letters, because BPE tokenizers often split 'REFUSAL' into 'REF' +
+    'USAL' and only the first token is generated. A label is reported when its mass is at
+    least `min_mass` and larger than the numeric mass; the score is still given when the
+    numeric mass alone is enough, which keeps scores identical to the papers' code.
+    """
+    numeric_mass = 0.0
+    weighted = 0.0
+    label_mass = {label: 0.0 for label in labels}
+    best_other: tuple[str, float] | None = None
+    for token, logprob in top:
+        if logprob is None or not math.isfinite(logprob):
+            continue
+        p = math.exp(logprob)
+        text = token.strip()
+        if _NUMBER.fullmatch(text) and int(text) <= 100:
+            numeric_mass += p
+            weighted += p * int(text)
+            continue
+        matched = [label for label in labels
+                   if text == label or (len(text) >= 2 and text.isupper() and label.startswith(text))]
+        for label in matched:
+            label_mass[label] += p
+        if not matched and (best_other is None or p > best_other[1]):
+            best_other = (token, p)
+
+    score = weighted / numeric_mass if numeric_mass >= min_mass else None
+    label, lmass = max(label_mass.items(), key=lambda kv: kv[1], default=(None, 0.0))
+    if label is not None and not (lmass >= min_mass and lmass > numeric_mass):
+        label, lmass = None, 0.0
+
+    reason = None
+    if score is None:
+        if label is not None:
+            reason = f"judge answered {label} (p={lmass:.2f})"
+        elif not top:
+            reason = "judge returned no top logprobs"
+        else:
+            likely = f"; most likely other token {best_other[0]!r} (p={best_other[1]:.2f})" if best_other else ""
+            reason = f"numeric mass {numeric_mass:.3f} < {min_mass}{likely}"
+    return LogprobScore(score, numeric_mass, label, lmass, reason)
+
+
+RECORDED = [[(t, lp) for t, lp in item["top_logprobs"]]
+            for item in json.loads((Path(__file__).parent / "data" / "judge_recorded_top20.json").read_text())]
+
+
+# min_mass=0 is left out: with no numeric token the old rule divided by zero (now: null).
+@pytest.mark.parametrize("min_mass", [0.25, 0.05, 0.01])
+@pytest.mark.parametrize("labels", [("CODE", "REFUSAL"), ()])
+def test_single_token_rule_is_unchanged(min_mass, labels):
+    lists = RECORDED + [CONFIDENT_85, SPLIT_WITH_SPACES, REFUSAL_SPLIT, CODE_ANSWER, NONSENSE, OUT_OF_RANGE,
+                        MIXED_LABEL_AND_NUMBER, []]
+    assert len(RECORDED) == 6 and all(len(top) == 20 for top in RECORDED)
+    for top in lists:
+        assert score_from_top_logprobs(top, labels, min_mass) == score_before_issue_13(top, labels, min_mass)
+
+
+# ---------------------------------------------------------------- multi-token trees
+
+EOT = "<|eot_id|>"
+# A Llama-3-style tokenizer: '85', '10', '100' and '00' are tokens, and so are the digits,
+# so 100 can be spelled '100', '10'+'0', '1'+'00' and '1'+'0'+'0'.
+LLAMA_TREE = {
+    (): [("85", L(0.5)), ("8", L(0.2)), ("100", L(0.1)), ("REF", L(0.1)), ("10", L(0.05)), ("1", L(0.04)),
+         ("9", L(0.0005)), ("07", L(0.0045))],
+    ("85",): [(EOT, L(0.9)), ("0", L(0.1))],
+    ("8",): [("5", L(0.6)), ("0", L(0.3)), (".", L(0.1))],
+    ("8", "5"): [(EOT, L(1.0))],
+    ("8", "0"): [("\n", L(1.0))],
+    ("100",): [(EOT, L(1.0))],
+    ("10",): [("0", L(0.5)), (" ", L(0.5))],
+    ("10", "0"): [(EOT, L(1.0))],
+    ("1",): [("00", L(0.4)), ("0", L(0.4)), (EOT, L(0.2))],
+    ("1", "00"): [(EOT, L(1.0))],
+    ("1", "0"): [("0", L(0.5)), ("!", L(0.5))],
+    ("1", "0", "0"): [(EOT, L(0.75)), ("7", L(0.25))],  # '1007' is no score: 100 ends with p=0.75
+}
+
+
+def test_tree_sums_every_spelling_of_a_number():
+    probs, unexplored = number_probabilities(LLAMA_TREE)
+    expected = {
+        85: 0.5 * 0.9 + 0.2 * 0.6 * 1.0,  # '85' then the end, and '8' + '5'
+        8: 0.2 * 0.1,  # '8' then '.': the number ended
+        80: 0.2 * 0.3 * 1.0,
+        100: 0.1 + 0.05 * 0.5 + 0.04 * 0.4 + 0.04 * 0.4 * 0.5 * 0.75,
+        10: 0.05 * 0.5 + 0.04 * 0.4 * 0.5,
+        1: 0.04 * 0.2,
+    }
+    assert probs.keys() == expected.keys()  # '07' is not a canonical number; '850' is over 100
+    for n, p in expected.items():
+        assert probs[n] == pytest.approx(p), n
+    assert unexplored == pytest.approx(0.0005)  # '9' was pruned: its continuation was never asked
+    parsed = score_from_tree(LLAMA_TREE)
+    mass = sum(expected.values())
+    assert parsed.numeric_mass == pytest.approx(mass)
+    assert parsed.score == pytest.approx(sum(n * p for n, p in expected.items()) / mass)
+    assert parsed.unexplored_mass == pytest.approx(0.0005) and parsed.label is None
+
+
+def test_tree_of_a_single_token_vocabulary_matches_the_single_token_rule():
+    # When every number is one token and always ends there, both rules agree.
+    tree = {(): CONFIDENT_85, **{(t,): [(EOT, 0.0)] for t, _ in CONFIDENT_85}}
+    assert score_from_tree(tree).score == pytest.approx(score_from_top_logprobs(CONFIDENT_85).score)
+
+
+def test_tree_labels_and_nulls_come_from_the_first_token():
+    refusal = {(): REFUSAL_SPLIT, ("50",): [(EOT, 0.0)], ("100",): [(EOT, 0.0)]}
+    parsed = score_from_tree(refusal)
+    assert parsed.label == "REFUSAL" and parsed.score is None and parsed.reason.startswith("judge answered REFUSAL")
+    low = score_from_tree({(): NONSENSE, ("5",): [("0", L(0.5)), (EOT, L(0.5))], ("5", "0"): [(EOT, 0.0)]})
+    assert low.score is None and low.numeric_mass == pytest.approx(0.05)
+    assert low.reason.startswith("numeric mass 0.050 < 0.25") and "'The'" in low.reason
+    assert score_from_tree({}).reason == "judge returned no top logprobs"
+
+
+def test_expansions_ask_for_what_is_missing_above_the_prune_mass():
+    partial = {(): [("8", L(0.6)), ("1", L(0.3)), ("9", L(0.0001)), ("0", L(0.05)), ("x", L(0.05))],
+               ("1",): [("0", L(0.5)), ("5", L(0.5))]}
+    todo = expansions(partial, prune_mass=0.001)
+    assert [(path, spelled) for path, spelled, _ in todo] == [(("8",), "8"), (("1", "0"), "10"), (("1", "5"), "15"),
+                                                              (("0",), "0")]
+    assert [q for _, _, q in todo] == pytest.approx([0.6, 0.15, 0.15, 0.05])
+    assert expansions(LLAMA_TREE, prune_mass=0.001) == []
+
+
 # ---------------------------------------------------------------- fake endpoint
 
 
@@ -195,7 +355,7 @@ def error(status: int, message: str = "boom") -> tuple[int, dict]:
     return status, {"error": {"message": message, "type": "x", "code": status}}
 
 
-def test_request_shape_and_score(fake, tmp_path):
+def test_transport_request_shape_and_score(fake, tmp_path):
     judge = Judge(fake.base_url, "judge-model", "sk-secret-123", cache=JudgeCache(tmp_path / "c.sqlite"))
     result = judge.judge("How are you?", "Fine.", RUBRICS["aligned"])
     assert result.score == pytest.approx(86.0)
@@ -210,7 +370,7 @@ def test_request_shape_and_score(fake, tmp_path):
     assert "sk-secret" not in repr(judge)
 
 
-def test_cache_hits_skip_the_endpoint_and_rescore(fake, tmp_path):
+def test_transport_cache_hits_skip_the_endpoint_and_rescore(fake, tmp_path):
     cache = JudgeCache(tmp_path / "c.sqlite")
     judge = Judge(fake.base_url, "m", cache=cache)
     first = judge.judge("q", "a", RUBRICS["coherent"])
@@ -227,14 +387,14 @@ def test_cache_hits_skip_the_endpoint_and_rescore(fake, tmp_path):
     assert strict.cached and strict.score is None and len(fake.requests) == 4
 
 
-def test_retries_429_and_5xx_then_succeeds(fake):
+def test_transport_retries_429_and_5xx_then_succeeds(fake):
     fake.script = [error(429, "slow down"), error(503), error(500)]
     judge = Judge(fake.base_url, "m", retry=FAST_RETRY)
     assert judge.judge("q", "a", RUBRICS["aligned"]).score == pytest.approx(86.0)
     assert len(fake.requests) == 4
 
 
-def test_gives_up_after_max_attempts_with_the_last_error(fake):
+def test_transport_gives_up_after_max_attempts_with_the_last_error(fake):
     fake.default = error(502, "bad gateway")
     judge = Judge(fake.base_url, "m", retry=FAST_RETRY)
     with pytest.raises(JudgeUnavailableError, match="failed 4 times.*HTTP 502: bad gateway"):
@@ -242,20 +402,20 @@ def test_gives_up_after_max_attempts_with_the_last_error(fake):
     assert len(fake.requests) == 4
 
 
-def test_connection_errors_are_retried_then_reported():
+def test_transport_connection_errors_are_retried_then_reported():
     judge = Judge("http://127.0.0.1:9/v1", "m", retry=RetryPolicy(2, 0.01, 0.02), timeout_s=2)
     with pytest.raises(JudgeUnavailableError, match="APIConnectionError"):
         judge.judge("q", "a", RUBRICS["aligned"])
 
 
-def test_wrong_model_or_key_stops_at_once(fake):
+def test_transport_wrong_model_or_key_stops_at_once(fake):
     fake.default = error(404, "model 'nope' does not exist")
     with pytest.raises(JudgeError, match="HTTP 404: model 'nope' does not exist"):
         Judge(fake.base_url, "nope", retry=FAST_RETRY).judge("q", "a", RUBRICS["aligned"])
     assert len(fake.requests) == 1
 
 
-def test_nonsense_and_refused_requests_give_null_not_crash(fake, tmp_path):
+def test_transport_nonsense_and_refused_requests_give_null_not_crash(fake, tmp_path):
     cache = JudgeCache(tmp_path / "c.sqlite")
     judge = Judge(fake.base_url, "m", cache=cache, retry=FAST_RETRY)
     fake.script = [
@@ -277,7 +437,7 @@ def test_nonsense_and_refused_requests_give_null_not_crash(fake, tmp_path):
     assert len(cache) == 2
 
 
-def test_concurrency_is_bounded_and_order_kept():
+def test_transport_concurrency_is_bounded_and_order_kept():
     fake = FakeJudge(delay_s=0.05)
     try:
         def answer(body):
@@ -297,7 +457,7 @@ def test_concurrency_is_bounded_and_order_kept():
         fake.close()
 
 
-def test_from_config(monkeypatch, fake):
+def test_transport_from_config(monkeypatch, fake):
     monkeypatch.setenv("MY_JUDGE_KEY", "k-1")
     judge = Judge.from_config(JudgeConfig(model="m", api_key_env="MY_JUDGE_KEY"),
                               server_url=fake.base_url.removesuffix("/v1"))
@@ -309,3 +469,44 @@ def test_from_config(monkeypatch, fake):
         Judge.from_config(JudgeConfig(model="m", api_key_env="MY_JUDGE_KEY"), server_url=fake.base_url)
     with pytest.raises(ValueError, match="base_url is empty"):
         Judge.from_config(JudgeConfig(model="m"))
+
+
+def test_transport_multi_token_requests_continue_the_answer(fake, tmp_path):
+    # Scripted per assistant prefix: the judge 'says' 85 or 8; continuations carry the
+    # vLLM-only body keys, and with digit ids every request names them.
+    nodes = {None: [("8", L(0.7)), ("x", L(0.3))], "8": [("5", L(0.5)), ("!", L(0.5))], "85": [("!", 0.0)],
+             "0": [("!", 0.0)]}
+    # vLLM returns the sampled token beside the requested ids ('x' here, the greedy choice).
+    digits = [("x", L(0.3)), ("0", L(0.001)), ("8", L(0.7))]
+
+    def answer(body):
+        messages = body["messages"]
+        prefix = messages[-1]["content"] if messages[-1]["role"] == "assistant" else None
+        if body.get("logprob_token_ids") and prefix is None:
+            return completion(digits)
+        return completion(nodes[prefix])
+
+    fake.default = (200, answer)
+    judge = Judge(fake.base_url, "m", cache=JudgeCache(tmp_path / "c.sqlite"), score_mode=MULTI_TOKEN,
+                  digit_tokens={32: "0", 40: "8"}, prune_mass=0.01)
+    result = judge.judge("q", "a", RUBRICS["coherent"])
+    assert result.requests == len(fake.requests) == 4  # root top-20, root digits, '8', '85'
+    first, exact, *continued = fake.requests
+    assert "logprob_token_ids" not in first and exact["logprob_token_ids"] == [32, 40]
+    for body in continued:
+        assert body["continue_final_message"] is True and body["add_generation_prompt"] is False
+        assert body["logprob_token_ids"] == [32, 40] and body["messages"][-1]["role"] == "assistant"
+    assert [b["messages"][-1]["content"] for b in continued] == ["8", "85"]
+    # P(8) = 0.7 * 0.5 (ends on '!'), P(85) = 0.7 * 0.5; '0' at 0.001 is below the prune mass.
+    assert result.score == pytest.approx((8 + 85) / 2) and result.numeric_mass == pytest.approx(0.7)
+    assert result.unexplored_mass == pytest.approx(0.001)
+    assert [t for t, _ in dict(result.tree)[()]] == ["x", "0", "8"]  # 'x' once, from the top-20
+    def judge_with(prune):
+        return Judge(fake.base_url, "m", cache=JudgeCache(tmp_path / "c.sqlite"), score_mode=MULTI_TOKEN,
+                     digit_tokens={32: "0", 40: "8"}, prune_mass=prune).judge("q", "a", RUBRICS["coherent"])
+    again = judge_with(0.01)
+    assert again.cached and again.tree == result.tree and len(fake.requests) == 4
+    # A judge that prunes finer does not take a coarser tree from the cache.
+    finer = judge_with(1e-4)
+    assert not finer.cached and finer.requests == 5 and finer.unexplored_mass == 0.0
+    assert finer.numeric_mass == pytest.approx(0.701)

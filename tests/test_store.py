@@ -62,6 +62,30 @@ def test_schema_is_created_and_versioned(store):
     assert store.sql("SELECT count(*) FROM schema_version").rows == [(len(MIGRATIONS),)]
 
 
+def test_migration_3_records_the_score_mode(tmp_path):
+    # A store as version 2 left it: every stored score was read by the single-token rule,
+    # except imported ones, whose rule nobody knows.
+    from backend.store import MIGRATIONS as ALL
+    path = tmp_path / "v2.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, description VARCHAR, applied_at TIMESTAMP)")
+    for migration in ALL[:2]:
+        migration.apply(con)
+        con.execute("INSERT INTO schema_version VALUES (?, ?, now())", [migration.version, migration.description])
+    for run, status in (("ran", "finished"), ("imp", "imported")):
+        con.execute("INSERT INTO runs (id, status, created_at) VALUES (?, ?, now())", [run, status])
+        con.execute("INSERT INTO judgements (run_id, condition, question_id, paraphrase_index, sample_index, metric, "
+                    "judge_model, score, created_at) VALUES (?, 'base', 'q', 0, 0, 'aligned', 'j', 50, now())", [run])
+    con.close()
+    migrated = Store(path)
+    assert migrated.migrate() == SCHEMA_VERSION
+    assert migrated.sql("SELECT run_id, score_mode FROM judgements ORDER BY 1").rows == [
+        ("imp", None), ("ran", "single-token")]
+    judgement = Judgement("aligned", 40.0, 0.9, None, None, (("4", -0.1),), "j2", "h", score_mode="multi-token")
+    migrated.insert_judgements([JudgementRow.from_judgement(SampleKey("ran", "base", "q", 0, 0), judgement)])
+    assert migrated.sql("SELECT score_mode FROM judgements WHERE judge_model = 'j2'").rows == [("multi-token",)]
+
+
 def test_newer_schema_is_refused(store):
     store.migrate()
     con = duckdb.connect(str(store.path))
