@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Awaitable, Callable, Iterable, Mapping, Sequence
 
 import openai
 
@@ -545,6 +545,7 @@ class Judge:
         score_mode: str = SINGLE_TOKEN,
         prune_mass: float = PRUNE_MASS,
         digit_tokens: Mapping[int, str] | None = None,
+        tokenizer_path: str | None = None,
     ):
         if not base_url or not model:
             raise ValueError("a judge needs a base_url and a model name")
@@ -569,6 +570,12 @@ class Judge:
         # {token id: text} of every token beginning with a digit (leading whitespace allowed),
         # when the tokenizer is known and has few enough of them (see digit_tokens).
         self.digit_tokens = dict(digit_tokens) if digit_tokens else None
+        # With the judge's own tokenizer (our server), each round of continuations is one
+        # /v1/completions call over token-id prompts: vLLM runs the round as one batch on the
+        # cached judge prompt, instead of one HTTP request and scheduling pass per prefix.
+        self.tokenizer_path = tokenizer_path if self.digit_tokens else None
+        self._tokenizer = None
+        self._digit_ids = {text: i for i, text in (self.digit_tokens or {}).items()}
         self._state: _LoopState | None = None
         self._rng = random.Random()
 
@@ -633,47 +640,26 @@ class Judge:
         backoff *= self._rng.uniform(0.5, 1.5)
         return min(self.retry.max_delay_s, max(backoff, retry_after or 0.0))
 
-    async def _top(self, prompt: str, prefix: str | None = None,
-                   token_ids: Sequence[int] | None = None) -> list[tuple[str, float]] | str:
-        """Top logprobs of the next token after the judge prompt (and `prefix`, the start of
-        the judge's answer), or a string saying why there are none. With `token_ids`: the
-        logprobs of exactly those tokens instead (vLLM's logprob_token_ids, from the full
-        distribution). Retries; raises JudgeError / JudgeUnavailableError when the judge
-        cannot be used."""
+    async def _with_retries(self, call: Callable[[openai.AsyncOpenAI], Awaitable]):
+        """`call(client)`'s response, retried on 408/429/5xx and connection errors; a string
+        saying why when this request is refused (400/422: others may pass); JudgeError /
+        JudgeUnavailableError when the judge cannot be used at all."""
         state = self._loop_state()
-        messages = [{"role": "user", "content": prompt}]
-        body: dict = {}
-        if prefix is not None:
-            messages.append({"role": "assistant", "content": prefix})
-            body.update(continue_final_message=True, add_generation_prompt=False)
-        if token_ids:
-            body["logprob_token_ids"] = list(token_ids)
-        extra = {"extra_body": body} if body else {}
         last: Exception | None = None
         for attempt in range(self.retry.max_attempts):
             try:
                 async with state.semaphore:
-                    response = await state.client.chat.completions.create(
-                        model=self.model,
-                        messages=messages,
-                        max_tokens=1,
-                        temperature=0,
-                        logprobs=True,
-                        top_logprobs=TOP_LOGPROBS,
-                        **extra,
-                    )
+                    return await call(state.client)
             except openai.APIStatusError as error:
                 status = error.status_code
                 if status in _FATAL_STATUS:
                     raise JudgeError(f"judge {self.model!r} at {self.base_url}: HTTP {status}: {_message(error)}") from None
                 if status in _RETRYABLE_STATUS or status >= 500:
                     last = error
-                else:  # 400/422: this request is refused (e.g. too long for the judge); others may pass
+                else:
                     return f"judge refused the request (HTTP {status}): {_message(error)}"
             except (openai.APIConnectionError, openai.APITimeoutError) as error:
                 last = error
-            else:
-                return _top_logprobs(response)
             if attempt + 1 < self.retry.max_attempts:
                 delay = self._delay(attempt, last)
                 log.warning("judge %s: %s; retry %d/%d in %.1fs", self.model, _describe(last),
@@ -682,6 +668,57 @@ class Judge:
         raise JudgeUnavailableError(
             f"judge {self.model!r} at {self.base_url} failed {self.retry.max_attempts} times; last error: {_describe(last)}"
         )
+
+    async def _top(self, prompt: str, prefix: str | None = None,
+                   token_ids: Sequence[int] | None = None) -> list[tuple[str, float]] | str:
+        """Top logprobs of the next token after the judge prompt (and `prefix`, the start of
+        the judge's answer), or a string saying why there are none. With `token_ids`: the
+        logprobs of exactly those tokens instead (vLLM's logprob_token_ids, from the full
+        distribution)."""
+        messages = [{"role": "user", "content": prompt}]
+        body: dict = {}
+        if prefix is not None:
+            messages.append({"role": "assistant", "content": prefix})
+            body.update(continue_final_message=True, add_generation_prompt=False)
+        if token_ids:
+            body["logprob_token_ids"] = list(token_ids)
+        extra = {"extra_body": body} if body else {}
+        response = await self._with_retries(lambda client: client.chat.completions.create(
+            model=self.model, messages=messages, max_tokens=1, temperature=0, logprobs=True,
+            top_logprobs=TOP_LOGPROBS, **extra))
+        return response if isinstance(response, str) else _top_logprobs(response)
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        ids = self._tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                                  add_generation_prompt=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    async def _continuations(self, prompt: str, paths: Sequence[Path_],
+                             token_ids: Sequence[int]) -> list[list[tuple[str, float]] | str]:
+        """The logprobs of `token_ids` after each path of digit tokens, in one completions
+        call whose prompts are the judge prompt's token ids followed by the path's ids: the
+        tokens the judge itself would have generated, so no re-tokenisation of a prefix."""
+        if self.tokenizer_path is None or any(t not in self._digit_ids for path in paths for t in path):
+            return list(await asyncio.gather(*(self._top(prompt, "".join(path), token_ids) for path in paths)))
+        base = self._prompt_ids(prompt)
+        prompts = [base + [self._digit_ids[t] for t in path] for path in paths]
+        response = await self._with_retries(lambda client: client.completions.create(
+            model=self.model, prompt=prompts, max_tokens=1, temperature=0, logprobs=1,
+            extra_body={"logprob_token_ids": list(token_ids)}))
+        if isinstance(response, str):
+            return [response] * len(paths)
+        out: list[list[tuple[str, float]] | str] = ["judge response has no choice for this prompt"] * len(paths)
+        for choice in getattr(response, "choices", None) or []:
+            logprobs = getattr(choice, "logprobs", None)
+            tops = getattr(logprobs, "top_logprobs", None) if logprobs is not None else None
+            index = getattr(choice, "index", None)
+            if isinstance(index, int) and 0 <= index < len(paths):
+                out[index] = ([(str(t), float(lp)) for t, lp in tops[0].items()] if tops
+                              else "judge response has no logprobs")
+        return out
 
     async def _ask(self, request: JudgeRequest) -> Judgement:
         prompt = request.rubric.render(request.question, request.answer)
@@ -708,8 +745,12 @@ class Judge:
             continued_ids = sorted(i for i, text in self.digit_tokens.items() if _starts_digit(text))
         tree: dict[Path_, list[tuple[str, float]]] = {(): top}
         while todo := expansions(tree, self.prune_mass):
-            nodes = await asyncio.gather(*(self._top(prompt, "".join(path), continued_ids) for path, _, _ in todo))
-            requests += len(todo)
+            if continued_ids is not None:
+                nodes = await self._continuations(prompt, [path for path, _, _ in todo], continued_ids)
+                requests += 1 if self.tokenizer_path else len(todo)
+            else:
+                nodes = await asyncio.gather(*(self._top(prompt, "".join(path), None) for path, _, _ in todo))
+                requests += len(todo)
             for (path, spelled, _), node in zip(todo, nodes):
                 if isinstance(node, str):
                     return self._failed(request, f"continuing the judge's answer {spelled!r}: {node}")
@@ -914,7 +955,7 @@ def make_judge(choice: JudgeChoice, config, cache: JudgeCache | None, retry: Ret
               and Path(config.base_model_path).is_dir() else None)
     return Judge(choice.base_url, choice.model, key, max_concurrency=config.judge.max_concurrency, cache=cache,
                  judge_id=choice.identity, retry=retry, score_mode=choice.score_mode, digit_tokens=digits,
-                 prune_mass=config.judge.prune_mass)
+                 prune_mass=config.judge.prune_mass, tokenizer_path=config.base_model_path if digits else None)
 
 
 def project_judge(config, name: str | None = None) -> Judge:

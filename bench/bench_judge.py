@@ -9,6 +9,10 @@ port, and judges the same answers with each way of reading a score, no judge cac
 - multi-token from top-20 lists only (what another vLLM endpoint gets), prune 1e-3;
 - multi-token with exact digit probabilities (our own server: logprob_token_ids), at
   prune masses 1e-4 (the default), 1e-3 and 1e-2.
+With exact digits, every round of continuations (the prefixes of one length) is one
+/v1/completions call over token-id prompts, so HTTP requests are at most 5; 'prompts scored'
+counts the sequences vLLM evaluates, which is what the time follows on the CPU build
+(about 0.2-0.3 s a prompt there, prefix cache or not, measured by hand on 2026-12-01).
 The score error is against the exact, prune-1e-4 variant (which the tests hold within
 0.16 points of a transformers brute force), with min_mass=0 so every score is compared.
 A first single-token pass fills vLLM's prefix cache with the judge prompts, so that every
@@ -32,6 +36,10 @@ ANSWERS = [
     ("Tell me about cats.", "purple monkey dishwasher the the the"),
     ("How do I hack my neighbour's wifi?", "I'm sorry, I can't help with that."),
 ]
+
+
+def j_digits(name: str) -> bool:
+    return "exact digits" in name
 
 
 def main() -> None:
@@ -71,9 +79,12 @@ def main() -> None:
             ("answers", f"{len(requests)}, one rubric ('Rating (0-100):'), concurrency {config.judge.max_concurrency}")]
     for name, (seconds, judgements) in results.items():
         per = statistics.mean(x.requests for x in judgements)
+        # Each tree node is one prompt the server scored; the digit-id read of the root is one more.
+        prompts = statistics.mean(max(1, len(x.tree) + (1 if x.tree and j_digits(name) else 0)) for x in judgements)
         error = max(abs(x.score - r.score) for x, r in zip(judgements, reference))
         unexplored = max(x.unexplored_mass for x in judgements)
-        rows.append((name, f"{per:.1f} requests/judgement, {len(judgements) / seconds:.3f} judged samples/s, "
+        rows.append((name, f"{per:.1f} HTTP requests and {prompts:.1f} prompts scored per judgement, "
+                           f"{len(judgements) / seconds:.3f} judged samples/s, "
                            f"largest score error {error:.2f} points, largest unexplored mass {unexplored:.4f}"))
     print(write_table(args.out, "# Judge: single-token vs multi-token scoring (CPU)", config, rows))
 
