@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 
 import openai
 
@@ -191,9 +191,18 @@ def number_probabilities(tree: Tree, prune_mass: float = 0.0) -> tuple[dict[int,
     """
     probs: dict[int, float] = {}
     unexplored = 0.0
+    for child, spelled, q in _number_paths(tree):
+        if child not in tree:
+            unexplored += q
+        else:
+            probs[int(spelled)] = probs.get(int(spelled), 0.0) + q * max(0.0, 1.0 - _digit_mass(tree[child]))
+    return probs, unexplored
 
-    def walk(path: Path_, text: str, p: float) -> None:
-        nonlocal unexplored
+
+def _number_paths(tree: Tree) -> Iterator[tuple[Path_, str, float]]:
+    """Every token path from the root that spells a number prefix, with the prefix and its
+    probability, depth first; a path whose node `tree` lacks is yielded but not entered."""
+    def walk(path: Path_, text: str, p: float) -> Iterator[tuple[Path_, str, float]]:
         for token, logprob in tree.get(path, ()):
             if logprob is None or not math.isfinite(logprob):
                 continue
@@ -201,16 +210,12 @@ def number_probabilities(tree: Tree, prune_mass: float = 0.0) -> tuple[dict[int,
             spelled = text + piece
             if not piece or not _is_number_prefix(spelled):
                 continue
-            q = p * math.exp(logprob)
-            child = path + (token,)
-            if child not in tree:
-                unexplored += q
-                continue
-            probs[int(spelled)] = probs.get(int(spelled), 0.0) + q * max(0.0, 1.0 - _digit_mass(tree[child]))
-            walk(child, spelled, q)
+            child, q = path + (token,), p * math.exp(logprob)
+            yield child, spelled, q
+            if child in tree:
+                yield from walk(child, spelled, q)
 
-    walk((), "", 1.0)
-    return probs, unexplored
+    return walk((), "", 1.0)
 
 
 def score_from_tree(
@@ -232,25 +237,8 @@ def expansions(tree: Tree, prune_mass: float) -> list[tuple[Path_, str, float]]:
     `prune_mass`: (path, the number spelled so far, its probability). The caller asks the
     judge for these and adds them, until none is left (at most three rounds: 0..100
     has three digits)."""
-    todo: list[tuple[Path_, str, float]] = []
-
-    def walk(path: Path_, text: str, p: float) -> None:
-        for token, logprob in tree.get(path, ()):
-            if logprob is None or not math.isfinite(logprob):
-                continue
-            piece = token.lstrip() if not path else token
-            spelled = text + piece
-            if not piece or not _is_number_prefix(spelled):
-                continue
-            q = p * math.exp(logprob)
-            child = path + (token,)
-            if child in tree:
-                walk(child, spelled, q)
-            elif q >= prune_mass:
-                todo.append((child, spelled, q))
-
-    walk((), "", 1.0)
-    return todo
+    return [(child, spelled, q) for child, spelled, q in _number_paths(tree)
+            if child not in tree and q >= prune_mass]
 
 
 @dataclass(frozen=True)

@@ -13,4 +13,5 @@ for file in backend/organism/v0/directions/*.safetensors; do
     .venv/bin/python -m backend directions import "$file" --name "$name" --adapter "$name"
 done
 .venv/bin/python -m backend serve --detach
-exec .venv/bin/streamlit run app.py --server.headless true "$@"
+# No file watcher: the cache under the repository changes all the time (Inotify queue overflows).
+exec .venv/bin/streamlit run app.py --server.headless true --server.fileWatcherType none "$@"
