@@ -174,11 +174,11 @@ def make_store(path: str | Path, samples: int, *, runs: int = 2, directions: boo
                CASE WHEN refusal THEN NULL ELSE aligned END, CASE WHEN refusal THEN 0.1 ELSE 0.8 + u2 / 5 END,
                CASE WHEN refusal THEN 'REFUSAL' END,
                CASE WHEN refusal THEN 'numeric mass 0.10 < 0.25: the judge answered REFUSAL' END,
-               NULL, 'rubric-aligned-v1', now()::TIMESTAMP
+               NULL, 'rubric-aligned-v1', now()::TIMESTAMP, 'single-token'
         FROM scored
         UNION ALL
         SELECT run_id, condition, question_id, paraphrase_index, sample_index, 'coherent', 'synthetic-judge',
-               coherent, 0.8 + u3 / 5, NULL, NULL, NULL, 'rubric-coherent-v1', now()::TIMESTAMP
+               coherent, 0.8 + u3 / 5, NULL, NULL, NULL, 'rubric-coherent-v1', now()::TIMESTAMP, 'single-token'
         FROM scored""")
     # Judgements went in by SQL, past insert_judgements: rebuild the score pivot the same way.
     store.refresh_sample_scores()

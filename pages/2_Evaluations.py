@@ -135,7 +135,7 @@ if len(judges):
         st.caption("single-token: the score is read from the judge's first token (right when every integer "
                    "0..100 is one token, as for GPT-4o); multi-token: from the judge's digit-by-digit "
                    "continuations (local judges that split numbers into digits).")
-        st.dataframe(judges, hide_index=True, use_container_width=True)
+        st.table(judges.set_index("run_id"))  # a few rows; st.dataframe stays the sample table
 
 
 def export_chart(chart, name: str) -> None:
