@@ -172,7 +172,7 @@ def digit_tokens(model_path: str) -> dict[int, str] | None:
     return found if len(found) <= MAX_DIGIT_TOKENS else None
 
 
-def number_probabilities(tree: Tree, prune_mass: float = 0.0) -> tuple[dict[int, float], float]:
+def number_probabilities(tree: Tree) -> tuple[dict[int, float], float]:
     """P(n) for the integers 0..100 that `tree` spells, and the mass left unexplored.
 
     `tree[path]` is the top logprobs of the token after `path`. A number's probability is the
