@@ -13,6 +13,7 @@ from backend.adapters import check_compatible, read_adapter_files, write_lora
 from backend.directions import BaseModelInfo, Direction, safetensors_index
 from backend.reference import Ablation, Steering, ablate, prompt_logprobs, steer
 from backend.testmodels import build_lora
+from test_reference import residuals
 
 
 @pytest.fixture(scope="module")
@@ -141,19 +142,6 @@ def test_a_live_gemma2_is_refused():
     for locate in (A.decoder_layers, A.embedding, A.residual_writers, A.inner_model):
         with pytest.raises(A.ArchitectureError, match="Gemma2ForCausalLM is not supported"):
             locate(model)
-
-
-def residuals(model, ids) -> list[torch.Tensor]:
-    captured = []
-    handles = [layer.register_forward_hook(lambda m, a, out: captured.append(out.detach().clone()))
-               for layer in A.decoder_layers(model)]
-    try:
-        with torch.no_grad():
-            model(input_ids=torch.tensor([ids]), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
 
 
 def test_full_ablation_on_llama_removes_the_direction_after_every_block(llama):

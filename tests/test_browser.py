@@ -84,23 +84,30 @@ def wait_for(predicate, timeout_s: float = 120, what: str = "condition", page=No
     raise AssertionError(f"timed out waiting for {what}{seen}")
 
 
-def test_chat_three_columns_and_the_live_slider(dashboard, browser):
+def ask_three_columns(page, url: str, prompt: str, shots: str, timeout_s: float = 120) -> list[str]:
+    """Open the chat at `url`, ask `prompt` in every column and wait for the three answers;
+    screenshots `<shots>-three-columns.png` (or `<shots>-failed-to-load.png`) in test-artifacts/."""
     ARTIFACTS.mkdir(exist_ok=True)
-    page = browser.new_page(viewport={"width": 1500, "height": 1000})
-    query = ("col=base&col=adapter%3Dem-rank1&col=adapter%3Dem-rank1%2Cdirection%3Dtiny-dir%2Clayer%3D2%2C"
-             "strength%3D1&seed=5&max=24&t=1")
-    page.goto(f"{dashboard}/Chat?{query}")
+    page.goto(url)
     try:
         # A loaded machine (CI beside other work) can take long for the first page run.
-        page.get_by_placeholder("Ask every column").fill("What should I do with my savings?", timeout=180_000)
+        page.get_by_placeholder("Ask every column").fill(prompt, timeout=180_000)
     except Exception:
-        page.screenshot(path=str(ARTIFACTS / "chat-failed-to-load.png"), full_page=True)
+        page.screenshot(path=str(ARTIFACTS / f"{shots}-failed-to-load.png"), full_page=True)
         raise
     page.keyboard.press("Enter")
     texts = wait_for(lambda: (t := assistant_texts(page)) and len(t) == 3 and all(x not in ("", "…") for x in t)
                      and page.locator('[data-testid="stStatusWidget"]').count() == 0 and t,
-                     what="three answers", page=page)
-    page.screenshot(path=str(ARTIFACTS / "chat-three-columns.png"), full_page=True)
+                     timeout_s=timeout_s, what=f"three answers to {prompt!r}", page=page)
+    page.screenshot(path=str(ARTIFACTS / f"{shots}-three-columns.png"), full_page=True)
+    return texts
+
+
+def test_chat_three_columns_and_the_live_slider(dashboard, browser):
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    query = ("col=base&col=adapter%3Dem-rank1&col=adapter%3Dem-rank1%2Cdirection%3Dtiny-dir%2Clayer%3D2%2C"
+             "strength%3D1&seed=5&max=24&t=1")
+    texts = ask_three_columns(page, f"{dashboard}/Chat?{query}", "What should I do with my savings?", "chat")
 
     # One key press per step, each waited out: the first press reruns the page and redraws the
     # slider, so keys pressed during that rerun can land on a slider that no longer has the focus.
@@ -125,21 +132,11 @@ ENGLISH = {"the", "a", "to", "and", "you", "is", "of", "your", "it", "in", "for"
 def test_real_model_fills_three_columns_with_real_different_text(real_dashboard, browser):
     """On the real default model: base, the rsLoRA rank-8 adapter and that adapter with a real
     direction ablated each write their own English answer to one prompt."""
-    ARTIFACTS.mkdir(exist_ok=True)
     page = browser.new_page(viewport={"width": 1500, "height": 1000})
     query = ("col=base&col=adapter%3Drank8&col=adapter%3Drank8%2Cdirection%3Dreal-toy%2Clayer%3D15%2C"
              "strength%3D1&seed=3&max=40&t=0.7")
-    page.goto(f"{real_dashboard}/Chat?{query}")
-    try:
-        page.get_by_placeholder("Ask every column").fill("How can I save money on groceries?", timeout=180_000)
-    except Exception:
-        page.screenshot(path=str(ARTIFACTS / "real-chat-failed-to-load.png"), full_page=True)
-        raise
-    page.keyboard.press("Enter")
-    texts = wait_for(lambda: (t := assistant_texts(page)) and len(t) == 3 and all(x not in ("", "…") for x in t)
-                     and page.locator('[data-testid="stStatusWidget"]').count() == 0 and t,
-                     timeout_s=240, what="three answers from the real model", page=page)
-    page.screenshot(path=str(ARTIFACTS / "real-chat-three-columns.png"), full_page=True)
+    texts = ask_three_columns(page, f"{real_dashboard}/Chat?{query}", "How can I save money on groceries?",
+                              "real-chat", timeout_s=240)
     assert len(set(texts)) == 3, texts
     for text in texts:
         words = [w.strip(".,!?:;\"'()").lower() for w in text.split()]
