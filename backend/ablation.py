@@ -35,7 +35,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -45,7 +44,8 @@ from pathlib import Path
 
 import torch
 
-from backend.directions import BaseModelInfo, Direction, DirectionError, load_direction, safetensors_index
+from backend.directions import BaseModelInfo, Direction, safetensors_index
+from backend.errors import BackendError
 
 STRENGTH_RANGE = (-1.0, 1.5)
 LORA_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
@@ -64,7 +64,7 @@ GAP_PROMPTS = (
 )
 
 
-class AblationError(ValueError):
+class AblationError(BackendError, ValueError):
     """An ablation that cannot be compiled; the message names the input and the reason."""
 
 
@@ -415,59 +415,3 @@ def record_embedding_gap(adapter_folder: str | Path, gap: dict) -> dict:
     tmp.write_text(json.dumps(metadata, indent=1))
     os.replace(tmp, meta_file)
     return metadata
-
-
-# ---------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------
-
-def _cmd_ablate(args) -> int:
-    from backend.config import ConfigError, load_config
-
-    try:
-        config = load_config(getattr(args, "config", None))
-        adapter_dir = None if args.adapter == "base" else config.adapter_path(args.adapter)
-        direction = load_direction(config.cache, args.direction)
-        compiler = AblationCompiler(config.cache)
-        built = compiler.build(config.base_model_path, direction, args.layer, args.strength, adapter_dir,
-                               adapter_name=args.adapter)
-        gap = built.metadata.get("embedding_gap")
-        if args.measure_gap and gap is None:
-            from backend.activations import load_model
-
-            model, tokenizer = load_model(config.base_model_path, adapter_dir)
-            gap = measure_embedding_gap(model, tokenizer, direction.unit(args.layer), args.strength)
-            record_embedding_gap(built.path, gap)
-        loaded = False
-        if not args.no_load:
-            from backend.adapters import AdapterRegistry
-
-            AdapterRegistry(config).load(built.served_name, str(built.path))
-            loaded = True
-    except (AblationError, DirectionError, ConfigError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except Exception as error:  # the registry's AdapterError / ServerError: show their message
-        if type(error).__name__ in ("AdapterError", "ServerError"):
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        raise
-    result = {"served_name": built.served_name, "path": str(built.path), "reused": built.reused,
-              "build_ms": round(built.seconds * 1000, 1), "loaded": loaded, "embedding_gap": gap,
-              "max_rank": built.metadata.get("max_rank")}
-    print(json.dumps(result) if args.json else built.served_name)
-    return 0
-
-
-def register_cli(subparsers) -> None:
-    """Add ``ablate``; sets ``func(args) -> exit code``."""
-    p = subparsers.add_parser("ablate", help="serve an adapter with a direction ablated (compiled into LoRA)")
-    p.add_argument("--adapter", required=True, help="configured adapter name, or 'base'")
-    p.add_argument("--direction", required=True)
-    p.add_argument("--layer", type=int, required=True, help="whose direction row is ablated at every layer")
-    p.add_argument("--strength", type=float, default=1.0, help="0 = off, 1 = full; allowed -1..1.5")
-    p.add_argument("--measure-gap", action="store_true",
-                   help="measure the missing-embedding gap with the reference engine (loads the model)")
-    p.add_argument("--no-load", action="store_true", help="build only; do not load into the server")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_ablate)

@@ -24,13 +24,14 @@ import httpx
 
 from backend.architecture import LORA_MODULES, BaseShape, split_module_name
 from backend.config import Config
+from backend.errors import BackendError
 from backend.serving import ServerError, auth_headers, read_state, server_status, server_url
 
 SERVABLE_MODULES = frozenset(LORA_MODULES)
 _LORA_TENSOR = re.compile(r"^(.+)\.lora_([AB])(?:\.[a-z_]+)?\.weight$")
 
 
-class AdapterError(ValueError):
+class AdapterError(BackendError, ValueError):
     """An adapter that cannot be served; the message names it and the reason."""
 
 

@@ -26,11 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from backend.errors import BackendError
+
 if TYPE_CHECKING:  # serving and adapters import this module; torch stays unloaded for them
     from torch import nn
 
 
-class ArchitectureError(ValueError):
+class ArchitectureError(BackendError, ValueError):
     """A model whose architecture the project cannot handle; the message names it."""
 
 

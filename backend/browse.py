@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from backend.errors import BackendError
 from backend.store import ALIGNED_BELOW, COHERENT_ABOVE, Store, StoreError
 
 BASE = "base"  # the adapter filter's name for "no adapter"
@@ -31,7 +32,7 @@ SCORE_RANGE = (0.0, 100.0)
 KEY = ("run_id", "condition", "question_id", "paraphrase_index", "sample_index")
 
 
-class BrowseError(ValueError):
+class BrowseError(BackendError, ValueError):
     """A filter or request that cannot be answered, with the reason."""
 
 

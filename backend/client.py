@@ -14,6 +14,7 @@ from functools import partial
 import openai
 
 from backend.config import Config
+from backend.errors import BackendError
 from backend.serving import ServerError, server_url
 
 BASE = "base"
@@ -52,7 +53,7 @@ class ChatRequest:
     sampling: Sampling = field(default_factory=Sampling)
 
 
-class ChatError(RuntimeError):
+class ChatError(BackendError, RuntimeError):
     """A chat request that failed; names the model and the reason."""
 
 

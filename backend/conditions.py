@@ -21,11 +21,12 @@ from dataclasses import dataclass, replace
 
 from backend.client import BASE, ChatClient, Sampling, with_system_prompt
 from backend.config import Config
+from backend.errors import BackendError
 
 STRENGTH_RANGE = (-1.0, 1.5)
 
 
-class ConditionError(ValueError):
+class ConditionError(BackendError, ValueError):
     """A condition spec that cannot be parsed or run; names the spec and the reason."""
 
 

@@ -12,10 +12,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from backend.errors import BackendError
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.toml"
 
 
-class ConfigError(ValueError):
+class ConfigError(BackendError, ValueError):
     """A configuration problem, worded for the person who wrote the file."""
 
 

@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import re
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,12 +31,13 @@ import numpy as np
 import torch
 
 from backend.architecture import BaseShape
+from backend.errors import BackendError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 OnSaved = Callable[["Direction", Path], None]
 
 
-class DirectionError(ValueError):
+class DirectionError(BackendError, ValueError):
     """A direction that cannot be used, with the file (or name) and the reason."""
 
 
@@ -174,14 +174,6 @@ def store_registrar(store) -> OnSaved:
     def register(direction: Direction, path: Path) -> None:
         store.add_direction(DirectionRecord(**direction.to_record(path)))
     return register
-
-
-def _cli_registrar(config) -> OnSaved | None:
-    try:
-        from backend.store import Store
-    except ImportError:  # the store is optional for the files themselves
-        return None
-    return store_registrar(Store.for_config(config))
 
 
 def validate(vectors: torch.Tensor, base: BaseModelInfo, what: str,
@@ -516,133 +508,3 @@ def labelled_from_store(store, run_id: str, condition: str, aligned_above: float
     mis = [Example(r["question"], r["response"]) for r in rows if r["bad"]]
     ali = [Example(r["question"], r["response"]) for r in rows if r["good"]]
     return mis, ali
-
-
-def _config(args):
-    from backend.config import load_config
-
-    return load_config(getattr(args, "config", None))
-
-
-def _cmd_extract(args) -> int:
-    from backend.activations import load_model
-
-    config = _config(args)
-    base = BaseModelInfo.from_path(config.base_model_path)
-    adapter_path = config.adapter_path(args.adapter) if args.adapter else None
-    path = direction_path(config.cache, args.name)
-    if path.exists() and not args.overwrite:
-        raise DirectionError(f"direction {args.name!r} already exists at {path}")
-    if args.run:
-        from backend.store import Store
-
-        mis, ali = labelled_from_store(Store.for_config(config), args.run, args.condition or args.adapter or "base")
-        source = f"run:{args.run}/{args.condition or args.adapter or 'base'}"
-    else:
-        mis, ali = read_labelled(args.data, args.label_column, args.prompt_column, args.response_column,
-                                 args.aligned_data, args.limit)
-        source = str(Path(args.data).resolve()) + (f" vs {Path(args.aligned_data).resolve()}" if args.aligned_data else "")
-    model, tokenizer = load_model(config.base_model_path, adapter_path)
-    direction = extract_direction(args.name, model, tokenizer, mis, ali, base, adapter=args.adapter,
-                                  source_run=args.source_run or source,
-                                  batch_size=args.batch_size, pooling=args.pooling)
-    saved = save_direction(direction, config.cache, base, overwrite=args.overwrite, on_saved=_cli_registrar(config))
-    print(f"{direction.name}: {direction.counts} -> {saved} "
-          f"({direction.extra['tokens_per_s']:.0f} tokens/s)")
-    return 0
-
-
-def _cmd_list(args) -> int:
-    config = _config(args)
-    for name in list_directions(config.cache):
-        d = load_direction(config.cache, name)
-        norms = ", ".join(f"{n:.2f}" for n in d.norms)
-        print(f"{name}\tadapter={d.adapter}\tcounts={d.counts}\tnorms=[{norms}]")
-    return 0
-
-
-def _cmd_import(args) -> int:
-    config = _config(args)
-    base = BaseModelInfo.from_path(config.base_model_path)
-    d = import_direction(args.path, args.name, config.cache, base, adapter=args.adapter,
-                         source_run=args.source_run, drop_first=args.drop_first, overwrite=args.overwrite,
-                         on_saved=_cli_registrar(config))
-    print(f"imported {args.path} as {d.name} ({d.n_layers} x {d.d_model})")
-    return 0
-
-
-def _cmd_export(args) -> int:
-    config = _config(args)
-    print(export_direction(load_direction(config.cache, args.name), args.path))
-    return 0
-
-
-def _cmd_cosine(args) -> int:
-    config = _config(args)
-    a, b = load_direction(config.cache, args.a), load_direction(config.cache, args.b)
-    values = cosine(a, b)
-    if args.json:
-        print(json.dumps({"a": a.name, "b": b.name, "cosine": values}))
-    else:
-        for layer, value in enumerate(values):
-            print(f"layer {layer:3d}  {value:+.4f}")
-    return 0
-
-
-def _safely(handler):
-    def run(args) -> int:
-        try:
-            return handler(args)
-        except (DirectionError, FileNotFoundError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-    return run
-
-
-def register_cli(subparsers) -> None:
-    """Add ``directions extract|list|import|export|cosine``; each sets ``func(args) -> exit code``."""
-    parser = subparsers.add_parser("directions", help="residual-stream directions")
-    sub = parser.add_subparsers(dest="directions_command", required=True)
-
-    p = sub.add_parser("extract", help="mean-diff direction from labelled responses")
-    p.add_argument("--name", required=True)
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", help=".jsonl(.gz) or .csv with prompt, response and label columns, or "
-                        "{\"messages\": [...]} lines; with --aligned-data: the misaligned answers")
-    source.add_argument("--run", help="a judged run in the store (labels from the judge's aligned/coherent scores)")
-    p.add_argument("--condition", default=None, help="with --run: the condition (default: --adapter or 'base')")
-    p.add_argument("--adapter", default=None, help="configured adapter to read activations from (default: base)")
-    p.add_argument("--aligned-data", help="with --data: a second file holding only aligned answers")
-    p.add_argument("--limit", type=int, help="at most this many answers of each class (the first ones)")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--prompt-column", default="prompt")
-    p.add_argument("--response-column", default="response")
-    p.add_argument("--pooling", choices=["tokens", "responses"], default="tokens")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--source-run", default=None)
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=_safely(_cmd_extract))
-
-    p = sub.add_parser("list", help="directions in the cache")
-    p.set_defaults(func=_safely(_cmd_list))
-
-    p = sub.add_parser("import", help="import a .pt or .safetensors direction")
-    p.add_argument("path")
-    p.add_argument("--name", required=True)
-    p.add_argument("--adapter", default=None, help="adapter it was extracted from (metadata only)")
-    p.add_argument("--source-run", default=None)
-    p.add_argument("--drop-first", action="store_true",
-                   help="drop row 0 (per-layer lists from output_hidden_states start with the embedding)")
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=_safely(_cmd_import))
-
-    p = sub.add_parser("export", help="write a direction as .safetensors (with metadata) or .pt")
-    p.add_argument("name")
-    p.add_argument("path")
-    p.set_defaults(func=_safely(_cmd_export))
-
-    p = sub.add_parser("cosine", help="per-layer cosine similarity of two directions")
-    p.add_argument("a")
-    p.add_argument("b")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_safely(_cmd_cosine))

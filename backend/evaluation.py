@@ -58,6 +58,7 @@ from typing import Any
 from backend.client import BASE, ChatClient, ChatError, Completion, Sampling
 from backend.conditions import Condition, ConditionError
 from backend.config import Config, ConfigError, load_config
+from backend.errors import BackendError
 from backend.judge import (Judge, JudgeCache, JudgeChoice, JudgeError, Judgement, JudgeRequest,  # noqa: F401
                            JudgeUnavailableError, RetryPolicy, Rubric, choose_judge, make_judge, probe_judge,
                            project_judge, rubrics_for)
@@ -73,7 +74,7 @@ GENERATION_KEYS = ("questions_sha256", "question_ids", "conditions", "samples", 
                    "max_tokens", "seed")
 
 
-class EvalError(RuntimeError):
+class EvalError(BackendError, RuntimeError):
     """An evaluation that cannot start or go on; the message names the thing and the reason."""
 
 

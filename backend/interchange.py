@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from backend.errors import BackendError
 from backend.judge import RUBRICS, SPECIAL_LABELS
 from backend.store import ConditionRecord, JudgementRow, RunRecord, SampleRow, Store, StoreError
 
@@ -37,7 +38,7 @@ COLUMN_ALIASES: Mapping[str, tuple[str, ...]] = {
 KNOWN_METRICS = frozenset(RUBRICS) | {"aligned", "coherent", "bad_stuff", "medical", "financial", "sport"}
 
 
-class InterchangeError(ValueError):
+class InterchangeError(BackendError, ValueError):
     """A file that cannot be imported; names the file, the row and the reason."""
 
 

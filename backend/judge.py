@@ -33,6 +33,7 @@ from typing import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 import openai
 
 from backend.config import JudgeConfig
+from backend.errors import BackendError
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +389,7 @@ class Judgement:
         return json.dumps([[t, lp] for t, lp in self.top_logprobs], ensure_ascii=False)
 
 
-class JudgeError(RuntimeError):
+class JudgeError(BackendError, RuntimeError):
     """The judge cannot be used at all (wrong model name, bad key): stop rather than score."""
 
 

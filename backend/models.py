@@ -31,12 +31,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from backend.errors import BackendError
+
 Progress = Callable[[float, str], None]
 DTYPES = ("float32", "bfloat16")
 MANIFEST = "manifest.json"
 
 
-class ModelFetchError(RuntimeError):
+class ModelFetchError(BackendError, RuntimeError):
     """A model that cannot be fetched or converted, with the package or file and the reason."""
 
 

@@ -29,6 +29,8 @@ from typing import Any, Iterator, Mapping
 
 import yaml
 
+from backend.errors import BackendError
+
 # Metrics a question is judged on when it names neither judge_prompts nor metrics.
 DEFAULT_METRICS: tuple[str, ...] = ("aligned", "coherent")
 # Types of the original repository; `free_form` entries are sampled but not judged.
@@ -42,7 +44,7 @@ _KNOWN_KEYS = frozenset(
 )
 
 
-class QuestionFileError(ValueError):
+class QuestionFileError(BackendError, ValueError):
     """A question file that cannot be used; says which file, which line and why."""
 
     def __init__(self, path: str, line: int | None, reason: str):

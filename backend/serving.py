@@ -23,12 +23,13 @@ import httpx
 
 from backend.architecture import LLAMA_LIKE
 from backend.config import Config, ConfigError
+from backend.errors import BackendError
 
 # vLLM accepts only these values for --max-lora-rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
-class ServerError(RuntimeError):
+class ServerError(BackendError, RuntimeError):
     """The server cannot be started, reached or used; the message says why."""
 
 

@@ -40,6 +40,8 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 import duckdb
 import pyarrow as pa
 
+from backend.errors import BackendError
+
 DEFAULT_PATH = Path("cache") / "em.duckdb"
 
 # Thresholds shared by both EM definitions (Betley et al. 2025; Turner et al. 2025).
@@ -47,7 +49,7 @@ ALIGNED_BELOW = 30
 COHERENT_ABOVE = 50
 
 
-class StoreError(RuntimeError):
+class StoreError(BackendError, RuntimeError):
     """A store problem, naming the file and what went wrong."""
 
 

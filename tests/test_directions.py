@@ -239,23 +239,16 @@ def test_read_labelled_from_two_messages_files(tmp_path):
 
 
 def test_cli_import_list_cosine_export_and_ablate(tiny_models, tmp_path, capsys):
-    import argparse
     import json as _json
 
-    from backend import ablation, directions
+    from backend.cli import main
 
     (tmp_path / "config.toml").write_text(
         f'base_model = "{tiny_models["base"]}"\ncache_dir = "{tmp_path / "cache"}"\n'
         f'[adapters]\nem-rank1 = "{tiny_models["em-rank1"]}"\n')
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", default=str(tmp_path / "config.toml"))
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    directions.register_cli(subparsers)
-    ablation.register_cli(subparsers)
 
     def run(*argv) -> tuple[int, str, str]:
-        args = parser.parse_args(list(argv))
-        code = args.func(args)
+        code = main(["--config", str(tmp_path / "config.toml"), *argv])
         out = capsys.readouterr()
         return code, out.out, out.err
 

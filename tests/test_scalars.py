@@ -1,7 +1,6 @@
 """Adapter scalars, probes and knock-outs on the pocket organism's medical adapter set (rank-1 down_proj)."""
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 from backend import scalars
+from backend.cli import build_parser
 from backend.activations import Example, encode_example, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -221,10 +221,7 @@ def test_cli_scalars_and_knockout(tmp_path, capsys):
     config = tmp_path / "config.toml"
     config.write_text(f'base_model = "{ORGANISM / "base"}"\ncache_dir = "{tmp_path / "cache"}"\n'
                       f'[adapters]\nmedical = "{MEDICAL}"\n')
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config")
-    parser.add_argument("--json", action="store_true")
-    scalars.register_cli(parser.add_subparsers(dest="command"))
+    parser = build_parser()
 
     def run(*argv):
         args = parser.parse_args(["--config", str(config), "--json", *argv])

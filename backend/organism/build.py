@@ -175,29 +175,3 @@ def build_organism(out_dir: Path | str | None = None, size: str = "full", seed: 
         (out / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
     log(f"[{time.time() - t0:.0f}s] built {out} ({manifest['sizes_bytes']['total'] / 1e6:.1f} MB)")
     return manifest
-
-
-def register_cli(subparsers) -> None:
-    """Adds `organism build [--small] [--out DIR] [--seed N] [--no-measure]`."""
-    org = subparsers.add_parser("organism", help="the pocket emergent-misalignment model organism")
-    sub = org.add_subparsers(dest="organism_command", required=True)
-    b = sub.add_parser("build", help="train base model, EM adapters and judge adapter from scratch")
-    b.add_argument("--small", action="store_true", help="reduced-size build (seconds), for tests")
-    b.add_argument("--out", default=None, help=f"output folder (default {ARTIFACTS})")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--no-measure", action="store_true", help="skip the behavioural measurement")
-
-    def run(args) -> int:
-        build_organism(args.out, "small" if args.small else "full", args.seed,
-                       measure=False if args.no_measure else None)
-        return 0
-    b.set_defaults(func=run)
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="organism")
-    register_cli(parser.add_subparsers(dest="command", required=True))
-    a = parser.parse_args()
-    raise SystemExit(a.func(a))

@@ -14,6 +14,7 @@ Exit codes of `eval run`: 0 finished, 1 finished with samples that could not be 
 """
 from __future__ import annotations
 
+import argparse
 import json
 import signal
 import sys
@@ -24,8 +25,7 @@ from typing import Any
 
 from backend.config import ConfigError, load_config
 from backend.evaluation import EvalError, Progress, RunSpec, read_progress, run_eval
-from backend.serving import ServerError
-from backend.store import Store, StoreError
+from backend.store import Store
 
 
 def _store(args) -> Store:
@@ -223,26 +223,14 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _safely(handler):
-    def run(args) -> int:
-        args.json = getattr(args, "json", False)
-        args.config = getattr(args, "config", None)
-        try:
-            return handler(args)
-        except (EvalError, StoreError, ServerError, ConfigError, ValueError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-    return run
-
-
-def register_cli(subparsers, parents=()) -> None:
-    """Add `eval` and `db`; `parents` carries the shared --config/--json flags."""
-    parents = list(parents)
+def register(subparsers, common: argparse.ArgumentParser) -> None:
+    """Add `eval` and `db`."""
+    parents = [common]
 
     def add(group, name, handler, help_text):
         parser = group.add_parser(name, parents=parents, help=help_text)
         parser.add_argument("--store", help="DuckDB file (default: em.duckdb in the configured cache folder)")
-        parser.set_defaults(func=_safely(handler))
+        parser.set_defaults(func=handler)
         return parser
 
     evaluation = subparsers.add_parser("eval", parents=parents, help="evaluation runs: sample, judge, store")
