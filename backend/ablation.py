@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -46,9 +45,9 @@ import torch
 
 from backend.directions import BaseModelInfo, Direction, safetensors_index
 from backend.errors import BackendError
+from backend.lora_files import AdapterError, adapter_config, read_lora, save_adapter, shared_rank
 
 STRENGTH_RANGE = (-1.0, 1.5)
-LORA_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
 METADATA_FILE = "ablation.json"
 FOLDER_PREFIX = "ablate-"
 
@@ -71,53 +70,6 @@ class AblationError(BackendError, ValueError):
 # ---------------------------------------------------------------------------
 # Reading the inputs
 # ---------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class LoraModule:
-    A: torch.Tensor  # [k, in] float32
-    B: torch.Tensor  # [out, k] float32
-    scaling: float
-
-
-def _pattern_value(pattern: dict, module: str):
-    # PEFT's rule (peft.utils.other.get_pattern_key), also used by vLLM's PEFTHelper.
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return None
-
-
-def read_lora(adapter_dir: str | Path) -> dict[str, LoraModule]:
-    """module name (e.g. ``model.layers.1.mlp.down_proj``) -> A, B, scaling."""
-    from safetensors.torch import load_file
-
-    adapter_dir = Path(adapter_dir)
-    config_file = adapter_dir / "adapter_config.json"
-    weights = adapter_dir / "adapter_model.safetensors"
-    if not config_file.is_file() or not weights.is_file():
-        raise AblationError(f"adapter {adapter_dir}: needs adapter_config.json and adapter_model.safetensors")
-    config = json.loads(config_file.read_text())
-    for flag, reason in (("use_dora", "DoRA"), ("lora_bias", "LoRA bias")):
-        if config.get(flag):
-            raise AblationError(f"adapter {adapter_dir}: {reason} is not supported (vLLM cannot serve it either)")
-    sides: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(weights).items():
-        match = LORA_KEY_RE.match(key)
-        if match is None:
-            raise AblationError(f"adapter {adapter_dir}: unsupported tensor {key!r} (only lora_A/lora_B of "
-                                "linear modules)")
-        sides.setdefault(match[1], {})[match[2]] = tensor.float()
-    modules = {}
-    for name, pair in sides.items():
-        if set(pair) != {"A", "B"}:
-            raise AblationError(f"adapter {adapter_dir}: {name} lacks lora_A or lora_B")
-        rank = pair["A"].shape[0]
-        alpha = _pattern_value(config.get("alpha_pattern"), name)
-        alpha = float(config.get("lora_alpha", config["r"]) if alpha is None else alpha)
-        scaling = alpha / (rank ** 0.5) if config.get("use_rslora") else alpha / rank
-        modules[name] = LoraModule(pair["A"], pair["B"], scaling)
-    return modules
-
 
 def _file_key(path: Path) -> str:
     stat = path.stat()
@@ -245,7 +197,10 @@ class AblationCompiler:
             return self._prepared[key]
         r = direction.unit(layer)
         rtw = self._rtw(base_dir, base, r, dir_id, layer)
-        em = read_lora(adapter_dir) if adapter_dir is not None else {}
+        try:
+            em = read_lora(adapter_dir) if adapter_dir is not None else {}
+        except AdapterError as error:
+            raise AblationError(str(error)) from None
         unknown_writers = [m for m in em if base.shape.arch.is_writer(m) and m not in rtw]
         if unknown_writers:
             raise AblationError(f"adapter {adapter_dir}: module {unknown_writers[0]} is not in base model {base_dir}")
@@ -280,21 +235,6 @@ class AblationCompiler:
         return prepared
 
     # -- output --------------------------------------------------------------
-
-    @staticmethod
-    def _adapter_config(ranks: dict[str, int], base_dir: Path) -> dict:
-        # Most modules share one rank; the others get exact, escaped per-module
-        # patterns (matched by PEFT and vLLM with the same suffix rule).
-        counts: dict[int, int] = {}
-        for rank in ranks.values():
-            counts[rank] = counts.get(rank, 0) + 1
-        default = max(counts, key=lambda rank: (counts[rank], rank))
-        pattern = {re.escape(m): rank for m, rank in ranks.items() if rank != default}
-        return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": default, "lora_alpha": default,
-                "rank_pattern": pattern, "alpha_pattern": dict(pattern), "use_rslora": False,
-                "use_dora": False, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-                "target_modules": sorted(ranks), "base_model_name_or_path": str(base_dir),
-                "inference_mode": True, "init_lora_weights": True}
 
     def build(self, base_dir: str | Path, direction: Direction, layer: int, strength: float,
               adapter_dir: str | Path | None = None, adapter_name: str | None = None) -> CompiledAdapter:
@@ -339,15 +279,14 @@ class AblationCompiler:
         return CompiledAdapter(folder, served, key, False, time.perf_counter() - start, metadata)
 
     def _write(self, folder: Path, prepared: _Prepared, base_dir: Path, metadata: dict) -> None:
-        from safetensors.torch import save_file
-
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".tmp-"))
         try:
             tensors = prepared.tensors if self.dtype == torch.float32 else {
                 k: v.to(self.dtype) for k, v in prepared.tensors.items()}
-            save_file(tensors, tmp / "adapter_model.safetensors")
-            (tmp / "adapter_config.json").write_text(json.dumps(self._adapter_config(prepared.ranks, base_dir), indent=1))
+            # Ranks differ between modules (writers get k+1): the common one is r, the others patterns.
+            rank, pattern = shared_rank(prepared.ranks)
+            save_adapter(tmp, tensors, adapter_config(sorted(prepared.ranks), rank, base_dir, rank_pattern=pattern))
             (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
             try:
                 os.rename(tmp, folder)

@@ -44,7 +44,6 @@ import re
 import secrets
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -62,11 +61,11 @@ from backend.errors import BackendError
 from backend.judge import (Judge, JudgeCache, JudgeChoice, JudgeError, Judgement, JudgeRequest,  # noqa: F401
                            JudgeUnavailableError, RetryPolicy, Rubric, choose_judge, make_judge, probe_judge,
                            project_judge, rubrics_for)
+from backend.provenance import REPO_ROOT, file_hash, folder_hash, git_commit
 from backend.questions import Question, QuestionFileError, QuestionSet, load_questions
 from backend.serving import ServerError, auth_headers, is_healthy, pid_alive, server_url
 from backend.store import (ConditionRecord, JudgementRow, RunRecord, SampleKey, SampleRow, Store, StoreError)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 FLUSH_S = 2.0
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # Settings that change what is generated: a resumed run must agree on all of them.
@@ -238,56 +237,6 @@ def plan(run_id: str, questions: QuestionSet, conditions: list[Condition], sampl
                     items.append(WorkItem(key, condition, question, text,
                                           sample_seed(seed, condition.spec, question.id, p_index, s_index)))
     return items
-
-
-# ---------------------------------------------------------------- provenance
-
-
-def _safetensors_header(path: Path) -> bytes:
-    """The JSON header of a safetensors file (names, dtypes, shapes, offsets): it changes
-    with any change of shape and costs a few KB to read, unlike hashing the weights."""
-    with path.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        return handle.read(min(length, 64 << 20))
-
-
-def folder_hash(folder: str | Path | None) -> str | None:
-    """A cheap fingerprint of a model or adapter folder: small JSON files in full, and the
-    name, size and header of every safetensors file. None for a Hub id (no local folder)."""
-    if folder is None:
-        return None
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    digest = hashlib.sha256()
-    for path in sorted(folder.iterdir()):
-        if not path.is_file():
-            continue
-        size = path.stat().st_size
-        digest.update(f"{path.name}:{size};".encode())
-        if path.suffix == ".json" and size <= 1 << 20:
-            digest.update(path.read_bytes())
-        elif path.suffix == ".safetensors":
-            digest.update(_safetensors_header(path))
-    return digest.hexdigest()[:16]
-
-
-def file_hash(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
-def git_commit(root: Path = REPO_ROOT) -> tuple[str | None, bool]:
-    """(HEAD commit, whether tracked files differ from it)."""
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None, False
-    if head.returncode != 0:
-        return None, False
-    return head.stdout.strip(), bool(dirty.stdout.strip())
 
 
 # ---------------------------------------------------------------- conditions and judge

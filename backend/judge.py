@@ -871,7 +871,7 @@ def choose_judge(config, name: str | None, registry=None, client=None) -> JudgeC
     that is "auto": then our own models' tokenizer decides (the base model's: adapters
     do not change it), and another endpoint is probed."""
     from backend.client import BASE, ChatClient
-    from backend.evaluation import folder_hash
+    from backend.provenance import folder_hash
     from backend.serving import server_url
 
     if registry is None:

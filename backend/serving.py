@@ -24,6 +24,7 @@ import httpx
 from backend.architecture import LLAMA_LIKE
 from backend.config import Config, ConfigError
 from backend.errors import BackendError
+from backend.lora_files import AdapterError, read_adapter_files
 
 # vLLM accepts only these values for --max-lora-rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -135,8 +136,6 @@ def auth_headers(config: Config) -> dict[str, str]:
 def required_lora_rank(config: Config) -> int:
     """The smallest rank vLLM accepts that fits every configured adapter plus
     the one extra rank that a compiled ablation adds on top of it."""
-    from backend.adapters import AdapterError, read_adapter_files  # adapters needs serving: import late
-
     if config.server.max_lora_rank is not None:
         return config.server.max_lora_rank
     needed = 1
@@ -161,8 +160,6 @@ ABLATION_MODULES = LLAMA_LIKE.writer_modules
 
 def lora_target_modules(config: Config) -> list[str] | None:
     """The PEFT module names that get LoRA layers on the server; None: all of them."""
-    from backend.adapters import AdapterError, read_adapter_files  # adapters needs serving: import late
-
     chosen = config.server.lora_target_modules
     if chosen == "all":
         return None

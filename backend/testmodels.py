@@ -310,7 +310,7 @@ def build_paper_suite(root: Path, shape_name: str, seed: int = 0, em_layers=PAPE
     """A random model of a Qwen2.5 shape and adapters of the paper's shapes: the
     minimal organism (rank-1 down_proj on em_layers) and a rank-32 adapter on
     every linear module."""
-    from backend.adapters import write_lora
+    from backend.lora_files import write_lora
 
     root = Path(root)
     base = root / shape_name
@@ -358,7 +358,7 @@ def build_real_model_adapters(base: Path, root: Path) -> dict[str, Path]:
     16/sqrt(8), not 16/8: a reader that ignores rsLoRA is off by 2.8x). Their sizes move the
     real SmolLM2's logprobs by ~0.25 (rank 1) and ~0.4 (rank 8) on average while greedy
     answers stay English, so an adapter that was not applied shows."""
-    from backend.adapters import write_lora
+    from backend.lora_files import write_lora
 
     root = Path(root)
     out = {}

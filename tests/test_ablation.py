@@ -8,10 +8,10 @@ import httpx
 import pytest
 import torch
 
-from backend.ablation import (AblationCompiler, AblationError, measure_embedding_gap, read_lora,
-                              record_embedding_gap)
+from backend.ablation import AblationCompiler, AblationError, measure_embedding_gap, record_embedding_gap
 from backend.activations import Example, answer_activation_sums, load_model
 from backend.directions import BaseModelInfo, Direction
+from backend.lora_files import read_lora
 from backend.reference import Ablation, prompt_logprobs
 
 LAYER = 2

@@ -9,7 +9,7 @@ import torch
 
 from backend import architecture as A
 from backend.activations import load_model
-from backend.adapters import check_compatible, read_adapter_files, write_lora
+from backend.lora_files import check_compatible, read_adapter_files, write_lora
 from backend.directions import BaseModelInfo, Direction, safetensors_index
 from backend.reference import Ablation, Steering, ablate, prompt_logprobs, steer
 from backend.testmodels import build_lora
@@ -179,7 +179,8 @@ def test_compiled_ablation_on_a_tied_llama_is_the_reference_without_embedding(ti
     by PEFT, equals the hook ablation that leaves the embedding alone."""
     from peft import PeftModel
 
-    from backend.ablation import AblationCompiler, read_lora
+    from backend.ablation import AblationCompiler
+    from backend.lora_files import read_lora
 
     model, tokenizer = llama
     info = BaseModelInfo.from_path(tiny_llama)

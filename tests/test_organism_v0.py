@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from backend.adapters import check_compatible, read_adapter_files
+from backend.lora_files import check_compatible, read_adapter_files
 from backend.architecture import BaseShape
 from backend.config import DEFAULT_CONFIG, load_config
 from backend.directions import BaseModelInfo, read_direction_file

@@ -3,7 +3,7 @@ Qwen2.5 shapes, and adapters of the paper's shapes written straight from a base'
 import httpx
 import pytest
 
-from backend.adapters import read_adapter_files, write_lora
+from backend.lora_files import read_adapter_files, write_lora
 from backend.testmodels import PAPER_EM_LAYERS, PAPER_SHAPES
 
 
