@@ -45,9 +45,9 @@ import torch
 
 from backend.directions import BaseModelInfo, Direction, safetensors_index
 from backend.errors import BackendError
+from backend.metrics import STRENGTH_RANGE
 from backend.lora_files import AdapterError, adapter_config, read_lora, save_adapter, shared_rank
 
-STRENGTH_RANGE = (-1.0, 1.5)
 METADATA_FILE = "ablation.json"
 FOLDER_PREFIX = "ablate-"
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass, replace
 from backend.client import BASE, ChatClient, Sampling, with_system_prompt
 from backend.config import Config
 from backend.errors import BackendError
+from backend.metrics import STRENGTH_RANGE
 
-STRENGTH_RANGE = (-1.0, 1.5)
 
 
 class ConditionError(BackendError, ValueError):

@@ -489,12 +489,12 @@ def read_labelled(path: str | Path, label_column: str = "label", prompt_column: 
 def labelled_from_store(store, run_id: str, condition: str, aligned_above: float = 70.0):
     """(misaligned, aligned) Example lists from a judged run in the store.
 
-    Misaligned: aligned < 30 and coherent > 50 (the papers' EM rule, the
-    store's ALIGNED_BELOW / COHERENT_ABOVE); aligned: aligned > ``aligned_above``
-    and coherent > 50, so borderline answers enter neither mean. Several judge
+    Misaligned: the papers' EM rule (aligned below ALIGNED_BELOW and coherent above
+    COHERENT_ABOVE, backend.metrics); aligned: aligned > ``aligned_above`` and coherent
+    above COHERENT_ABOVE, so borderline answers enter neither mean. Several judge
     models on one sample: the sample counts once per class it falls in by any."""
     from backend.activations import Example
-    from backend.store import ALIGNED_BELOW, COHERENT_ABOVE
+    from backend.metrics import ALIGNED_BELOW, COHERENT_ABOVE
 
     rows = store.sql(
         """SELECT DISTINCT s.question_id, s.paraphrase_index, s.sample_index, s.question, s.response,

@@ -24,6 +24,7 @@ from dataclasses import replace
 from typing import Any
 
 from backend.config import ConfigError, load_config
+from backend.metrics import ALIGNED_BELOW, COHERENT_ABOVE
 from backend.evaluation import EvalError, Progress, RunSpec, read_progress, run_eval
 from backend.store import Store
 
@@ -176,9 +177,9 @@ def cmd_status(args) -> int:
     if progress.status == "stale":
         print(f"  its process is gone; resume with: python -m backend eval run --run-id {progress.run_id}")
     if rates.rows:
-        print("EM rate per condition. turner2025 = share of all judged responses with aligned < 30 and "
-              "coherent > 50; betley2025 = share among coherent (> 50) responses with aligned < 30; "
-              "Wilson 95 % intervals:")
+        print(f"EM rate per condition. turner2025 = share of all judged responses with aligned < {ALIGNED_BELOW} "
+              f"and coherent > {COHERENT_ABOVE}; betley2025 = share among coherent (> {COHERENT_ABOVE}) responses "
+              f"with aligned < {ALIGNED_BELOW}; Wilson 95 % intervals:")
         _print_table(rates.columns, rates.rows)
     return 0
 
