@@ -34,7 +34,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -45,6 +44,7 @@ import torch
 
 from backend.directions import BaseModelInfo, Direction, safetensors_index
 from backend.errors import BackendError
+from backend.fsutil import atomic_dir, atomic_path, atomic_write_json
 from backend.metrics import STRENGTH_RANGE
 from backend.lora_files import AdapterError, adapter_config, read_lora, save_adapter, shared_rank
 
@@ -181,11 +181,8 @@ class AblationCompiler:
             with safe_open(file, "pt") as handle:
                 for module, tensor_name in items:
                     out[module] = (r @ handle.get_tensor(tensor_name).float()).contiguous()
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=".tmp")
-        os.close(fd)
-        save_file(out, tmp)
-        os.replace(tmp, cached)
+        with atomic_path(cached) as tmp:
+            save_file(out, str(tmp))
         return out
 
     def _prepare(self, base_dir: Path, base: BaseModelInfo, adapter_dir: Path | None, direction: Direction,
@@ -279,22 +276,13 @@ class AblationCompiler:
         return CompiledAdapter(folder, served, key, False, time.perf_counter() - start, metadata)
 
     def _write(self, folder: Path, prepared: _Prepared, base_dir: Path, metadata: dict) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".tmp-"))
-        try:
-            tensors = prepared.tensors if self.dtype == torch.float32 else {
-                k: v.to(self.dtype) for k, v in prepared.tensors.items()}
-            # Ranks differ between modules (writers get k+1): the common one is r, the others patterns.
-            rank, pattern = shared_rank(prepared.ranks)
+        tensors = prepared.tensors if self.dtype == torch.float32 else {
+            k: v.to(self.dtype) for k, v in prepared.tensors.items()}
+        # Ranks differ between modules (writers get k+1): the common one is r, the others patterns.
+        rank, pattern = shared_rank(prepared.ranks)
+        with atomic_dir(folder) as tmp:
             save_adapter(tmp, tensors, adapter_config(sorted(prepared.ranks), rank, base_dir, rank_pattern=pattern))
             (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
-            try:
-                os.rename(tmp, folder)
-            except OSError:  # built meanwhile by another process: same key, same content
-                pass
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
 
     def _evict(self, keep: Path) -> list[Path]:
         """Remove the least recently used ablation folders beyond max_adapters.
@@ -350,7 +338,5 @@ def record_embedding_gap(adapter_folder: str | Path, gap: dict) -> dict:
     meta_file = Path(adapter_folder) / METADATA_FILE
     metadata = json.loads(meta_file.read_text())
     metadata["embedding_gap"] = gap
-    tmp = meta_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(metadata, indent=1))
-    os.replace(tmp, meta_file)
+    atomic_write_json(meta_file, metadata, indent=1)
     return metadata

@@ -25,6 +25,7 @@ from typing import Iterable, Literal, Sequence
 import torch
 
 from backend.architecture import decoder_layers, inner_model
+from backend.reference import untuple
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ def answer_activation_sums(model, tokenizer, examples: Sequence[Example] | Itera
     def make_hook(index: int):
         def hook(module, args, output):
             nonlocal sums
-            out = output[0] if isinstance(output, tuple) else output
+            out = untuple(output)
             if sums is None:
                 sums = torch.zeros(len(layers), out.shape[-1], dtype=torch.float64, device=out.device)
             # [B, T] weights: 1 for answer tokens ("tokens") or 1/len ("responses").

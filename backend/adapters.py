@@ -12,7 +12,6 @@ restart and what to evict first when the server is full.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import time
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ import httpx
 
 from backend.architecture import BaseShape
 from backend.config import Config
+from backend.fsutil import atomic_write_json, file_lock
 from backend.lora_files import AdapterError, AdapterFiles, check_compatible, read_adapter_files
 from backend.serving import ServerError, auth_headers, read_state, server_status, server_url
 
@@ -52,17 +52,13 @@ class AdapterRegistry:
     def _record(self):
         """The record, read and written under an exclusive lock: the dashboard
         and CLI runs share it."""
-        lock_path = self._record_path.with_suffix(".lock")
-        with open(lock_path, "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with file_lock(self._record_path.with_suffix(".lock")):
             try:
                 record = json.loads(self._record_path.read_text()) if self._record_path.exists() else {}
             except ValueError:
                 record = {}  # a record cut short by a crash only loses LRU order
             yield record
-            tmp = self._record_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(record, indent=2))
-            tmp.replace(self._record_path)
+            atomic_write_json(self._record_path, record, indent=2)
 
     def _limits(self) -> tuple[int | None, int, list[str] | None]:
         """(max LoRA rank, adapters held, modules with LoRA layers) of the server; for a server
@@ -100,8 +96,7 @@ class AdapterRegistry:
     def _changing(self):
         """One load-or-evict sequence at a time, across threads and processes (the chat page's
         columns and prefetch, a CLI run): two at once would both evict the same adapter."""
-        with open(self._record_path.with_suffix(".changes.lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with file_lock(self._record_path.with_suffix(".changes.lock")):
             yield
 
     def load(self, name: str, path: str | None = None) -> AdapterFiles:

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +30,7 @@ import torch
 
 from backend.architecture import BaseShape
 from backend.errors import BackendError
+from backend.fsutil import atomic_path
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 OnSaved = Callable[["Direction", Path], None]
@@ -225,16 +224,9 @@ def direction_path(cache: str | Path, name: str) -> Path:
 def _write_safetensors(direction: Direction, path: Path) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"vectors": direction.vectors.contiguous()}, tmp,
+    with atomic_path(path) as tmp:
+        save_file({"vectors": direction.vectors.contiguous()}, str(tmp),
                   metadata={"direction": json.dumps(direction.metadata())})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_direction(direction: Direction, cache: str | Path, base: BaseModelInfo, overwrite: bool = False,

@@ -58,6 +58,7 @@ from backend.client import BASE, ChatClient, ChatError, Completion, Sampling
 from backend.conditions import Condition, ConditionError
 from backend.config import Config, ConfigError, load_config
 from backend.errors import BackendError
+from backend.fsutil import atomic_write_json
 from backend.judge import (Judge, JudgeCache, JudgeChoice, JudgeError, Judgement, JudgeRequest,  # noqa: F401
                            JudgeUnavailableError, RetryPolicy, Rubric, choose_judge, make_judge, probe_judge,
                            project_judge, rubrics_for)
@@ -372,10 +373,7 @@ def _write_run_file(config: Config, run_id: str, **values) -> Path:
         except ValueError:
             current = {}
     current.update(values)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(current, indent=2, default=str))
-    tmp.replace(path)
-    return path
+    return atomic_write_json(path, current, indent=2, default=str)
 
 
 def _check_resume(stored: RunRecord, generation: dict[str, Any]) -> None:

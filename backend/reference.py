@@ -42,11 +42,13 @@ from torch import nn
 from backend.architecture import decoder_layers, embedding, residual_writers
 
 
-def _output_tensor(output):
+def untuple(output: torch.Tensor | tuple) -> torch.Tensor:
+    """The hidden states of a module's forward output: decoder layers return a tuple, linear layers a tensor."""
     return output[0] if isinstance(output, tuple) else output
 
 
-def _replace_output(output, tensor):
+def retuple(output: torch.Tensor | tuple, tensor: torch.Tensor) -> torch.Tensor | tuple:
+    """`output` with its hidden states replaced by `tensor`, in the same form (tuple or tensor)."""
     return (tensor, *output[1:]) if isinstance(output, tuple) else tensor
 
 
@@ -99,9 +101,9 @@ class Steering:
 
 def _project_out_hook(r: torch.Tensor, strength: float):
     def hook(module, args, output):
-        out = _output_tensor(output)
+        out = untuple(output)
         rr = r.to(device=out.device, dtype=out.dtype)
-        return _replace_output(output, out - strength * (out @ rr).unsqueeze(-1) * rr)
+        return retuple(output, out - strength * (out @ rr).unsqueeze(-1) * rr)
     return hook
 
 
@@ -141,12 +143,12 @@ def steer(model: nn.Module, steering: Steering, prompt_length: int | None = None
     layer_index = steering.layer
 
     def hook(module, args, kwargs, output):
-        out = _output_tensor(output)
+        out = untuple(output)
         add = (steering.coefficient * steering.vector).to(device=out.device, dtype=out.dtype)
         if add.numel() != out.shape[-1]:
             raise ValueError(f"Steering.vector has width {add.numel()}, the residual stream is {out.shape[-1]}")
         if steering.positions == "all":
-            return _replace_output(output, out + add)
+            return retuple(output, out + add)
         cache = kwargs.get("past_key_values")
         seq = out.shape[-2]
         # The cache already holds this call's tokens when the block returns.
@@ -154,7 +156,7 @@ def steer(model: nn.Module, steering: Steering, prompt_length: int | None = None
         start = after - seq
         positions = torch.arange(start, start + seq, device=out.device)
         mask = (positions >= prompt_length).to(out.dtype).unsqueeze(-1)
-        return _replace_output(output, out + mask * add)
+        return retuple(output, out + mask * add)
 
     handle = layers[layer_index].register_forward_hook(hook, with_kwargs=True)
     try:

@@ -43,7 +43,6 @@ import json
 import math
 import re
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -54,6 +53,7 @@ import torch
 from backend.activations import Example, encode_example
 from backend.architecture import split_module_name
 from backend.errors import BackendError
+from backend.fsutil import atomic_dir
 from backend.lora_files import LORA_KEY_RE
 from backend.metrics import ALIGNED_BELOW, COHERENT_ABOVE, DEFINITIONS, wilson
 
@@ -489,15 +489,11 @@ def compile_knockout(adapter_dir: str | Path, scales: dict[str, float], out_root
         match = LORA_KEY_RE.match(tensor_key)
         if match and match[2] == "B" and adapter_label(match[1]) in scales:
             tensors[tensor_key] = (tensor.float() * float(scales[adapter_label(match[1])])).to(tensor.dtype).contiguous()
-    tmp = folder.with_name(folder.name + f".tmp{time.time_ns()}")
-    tmp.mkdir(parents=True)
-    shutil.copy(adapter_dir / "adapter_config.json", tmp / "adapter_config.json")
-    save_file(tensors, str(tmp / "adapter_model.safetensors"))
-    (tmp / "knockout.json").write_text(json.dumps({"source": str(adapter_dir.resolve()), "scales": scales}, indent=2))
-    try:
-        tmp.rename(folder)
-    except OSError:  # another process wrote it first
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(folder) as tmp:
+        shutil.copy(adapter_dir / "adapter_config.json", tmp / "adapter_config.json")
+        save_file(tensors, str(tmp / "adapter_model.safetensors"))
+        (tmp / "knockout.json").write_text(json.dumps({"source": str(adapter_dir.resolve()), "scales": scales},
+                                                      indent=2))
     return result
 
 

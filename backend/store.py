@@ -26,8 +26,6 @@ first copy, so a resumed run never duplicates rows.
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 import time
@@ -41,6 +39,7 @@ import duckdb
 import pyarrow as pa
 
 from backend.errors import BackendError
+from backend.fsutil import flock_until
 from backend.metrics import DEFINITIONS, wilson_macros_sql
 
 DEFAULT_PATH = Path("cache") / "em.duckdb"
@@ -258,7 +257,7 @@ def _migration_1(con: duckdb.DuckDBPyConnection) -> None:
     for macro in wilson_macros_sql():
         con.execute(macro)
     # One row per (sample, judge model) with its aligned and coherent scores side by side.
-    con.execute(f"""
+    con.execute("""
     CREATE OR REPLACE VIEW sample_scores AS
     SELECT j.run_id, j.condition, j.question_id, j.paraphrase_index, j.sample_index, j.judge_model,
            coalesce(q.domain, 'unspecified') AS domain,
@@ -401,20 +400,10 @@ class Store:
 
     # -------------------------------------------------------- locking and connections
 
-    def _flock(self, fd: int, mode: int, deadline: float, what: str) -> None:
-        delay = 0.001
-        while True:
-            try:
-                fcntl.flock(fd, mode | fcntl.LOCK_NB)
-                return
-            except OSError as error:
-                if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    raise
-            if time.monotonic() > deadline:
-                raise StoreLockedError(f"{self.path}: waited {self.lock_timeout_s:.0f}s for the {what} lock "
-                                       f"({self.lock_path}); another process holds the store") from None
-            time.sleep(delay)
-            delay = min(delay * 2, 0.02)
+    def _flock(self, fd: int, exclusive: bool, deadline: float, what: str) -> None:
+        if not flock_until(fd, exclusive, deadline):
+            raise StoreLockedError(f"{self.path}: waited {self.lock_timeout_s:.0f}s for the {what} lock "
+                                   f"({self.lock_path}); another process holds the store")
 
     @contextmanager
     def _locked(self, exclusive: bool) -> Iterator[None]:
@@ -432,9 +421,9 @@ class Store:
         gate = os.open(self.gate_path, os.O_RDWR | os.O_CREAT, 0o666)
         main = -1
         try:
-            self._flock(gate, fcntl.LOCK_EX, deadline, what)
+            self._flock(gate, True, deadline, what)
             main = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-            self._flock(main, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, deadline, what)
+            self._flock(main, exclusive, deadline, what)
             if not exclusive:
                 os.close(gate)  # through the turnstile; let the next one in
                 gate = -1
