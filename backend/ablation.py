@@ -39,14 +39,19 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from backend.directions import BaseModelInfo, Direction, safetensors_index
 from backend.errors import BackendError
 from backend.fsutil import atomic_dir, atomic_path, atomic_write_json
-from backend.metrics import STRENGTH_RANGE
 from backend.lora_files import AdapterError, adapter_config, read_lora, save_adapter, shared_rank
+from backend.metrics import STRENGTH_RANGE
+
+if TYPE_CHECKING:  # types only: importing transformers costs seconds
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
 
 METADATA_FILE = "ablation.json"
 FOLDER_PREFIX = "ablate-"
@@ -88,7 +93,7 @@ def direction_identity(direction: Direction, layer: int) -> str:
     return hashlib.sha256(unit.numpy().tobytes()).hexdigest()[:16]
 
 
-def ablation_key(base: BaseModelInfo, adapter_dir, direction: Direction, layer: int, strength: float) -> str:
+def ablation_key(base: BaseModelInfo, adapter_dir: str | Path | None, direction: Direction, layer: int, strength: float) -> str:
     parts = [base.fingerprint, adapter_identity(adapter_dir), direction_identity(direction, layer),
              str(layer), f"{float(strength):.6g}"]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
@@ -304,7 +309,7 @@ class AblationCompiler:
 # The embedding gap
 # ---------------------------------------------------------------------------
 
-def gap_prompt_ids(tokenizer, prompts=GAP_PROMPTS) -> list[list[int]]:
+def gap_prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str] = GAP_PROMPTS) -> list[list[int]]:
     ids = []
     for prompt in prompts:
         encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
@@ -313,7 +318,8 @@ def gap_prompt_ids(tokenizer, prompts=GAP_PROMPTS) -> list[list[int]]:
     return ids
 
 
-def measure_embedding_gap(model, tokenizer, r: torch.Tensor, strength: float, prompts=GAP_PROMPTS) -> dict:
+def measure_embedding_gap(model: nn.Module, tokenizer: PreTrainedTokenizerBase, r: torch.Tensor, strength: float,
+                          prompts: Sequence[str] = GAP_PROMPTS) -> dict:
     """Max |d logprob| between exact ablation and ablation without the embedding
     term (what a served adapter does), with the ablation's own effect for scale.
     ``model`` is the base (+ EM adapter) in transformers."""

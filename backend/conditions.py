@@ -18,11 +18,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from backend.client import BASE, ChatClient, Sampling, with_system_prompt
 from backend.config import Config
 from backend.errors import BackendError
 from backend.metrics import STRENGTH_RANGE
+
+if TYPE_CHECKING:  # the compiler imports torch; conditions are parsed without it
+    from backend.ablation import CompiledAdapter
 
 
 
@@ -131,7 +135,7 @@ class ConditionRunner:
         except (DirectionError, FileNotFoundError) as error:
             raise ConditionError(f"direction {name!r}: {error}") from None
 
-    def compiled(self, condition: Condition):
+    def compiled(self, condition: Condition) -> CompiledAdapter:
         """The compiled ablation adapter of an ablation condition (built or reused)."""
         from backend.ablation import AblationError
         adapter_dir = self.config.adapter_path(condition.adapter) if condition.adapter else None
@@ -203,13 +207,13 @@ class ConditionRunner:
                 self._reference = (key, *load_model(self.config.base_model_path, adapter_dir))
             return self._reference[1], self._reference[2]
 
-    def stream(self, condition: Condition, messages, sampling: Sampling) -> Iterator[str]:
+    def stream(self, condition: Condition, messages: list[dict], sampling: Sampling) -> Iterator[str]:
         if condition.kind != "steering":
             yield from self.client.stream(self.served_model(condition), messages, sampling)
             return
         yield self.steered_reply(condition, messages, sampling)
 
-    def steered_reply(self, condition: Condition, messages, sampling: Sampling) -> str:
+    def steered_reply(self, condition: Condition, messages: list[dict], sampling: Sampling) -> str:
         import torch
 
         from backend.reference import Steering, intervene

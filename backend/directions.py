@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,13 @@ import torch
 from backend.architecture import BaseShape
 from backend.errors import BackendError
 from backend.fsutil import atomic_path
+
+if TYPE_CHECKING:  # types only: the store and transformers are not needed to read a direction
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
+    from backend.activations import ActivationStats, Example
+    from backend.store import Store
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 OnSaved = Callable[["Direction", Path], None]
@@ -166,7 +173,7 @@ class Direction:
                 "extra_json": json.dumps(self.extra)}
 
 
-def store_registrar(store) -> OnSaved:
+def store_registrar(store: Store) -> OnSaved:
     """``on_saved`` callback that registers each saved direction in ``store`` (a ``backend.store.Store``)."""
     from backend.store import DirectionRecord
 
@@ -363,14 +370,15 @@ def export_direction(direction: Direction, path: str | Path) -> Path:
 # Extraction and comparison
 # ---------------------------------------------------------------------------
 
-def mean_diff(misaligned, aligned) -> torch.Tensor:
+def mean_diff(misaligned: ActivationStats, aligned: ActivationStats) -> torch.Tensor:
     """Per-layer mean over misaligned minus mean over aligned (``ActivationStats`` each)."""
     if misaligned.pooling != aligned.pooling:
         raise ValueError("both classes must use the same pooling")
     return (misaligned.mean() - aligned.mean()).float()
 
 
-def extract_direction(name: str, model, tokenizer, misaligned, aligned, base: BaseModelInfo,
+def extract_direction(name: str, model: nn.Module, tokenizer: PreTrainedTokenizerBase, misaligned: Sequence[Example],
+                      aligned: Sequence[Example], base: BaseModelInfo,
                       adapter: str | None = None, source_run: str | None = None, batch_size: int = 8,
                       max_answer_tokens: int | None = 256, pooling: str = "tokens") -> Direction:
     """Mean-diff direction from two lists of ``activations.Example`` (not saved)."""
@@ -450,7 +458,7 @@ def _example(row: dict, path: Path, number: int, prompt_column: str, response_co
 
 def read_labelled(path: str | Path, label_column: str = "label", prompt_column: str = "prompt",
                   response_column: str = "response", aligned_path: str | Path | None = None,
-                  limit: int | None = None):
+                  limit: int | None = None) -> tuple[list[Example], list[Example]]:
     """(misaligned, aligned) Example lists.
 
     One file (.jsonl, .jsonl.gz or .csv) with a label column; rows with other labels (e.g.
@@ -478,7 +486,8 @@ def read_labelled(path: str | Path, label_column: str = "label", prompt_column: 
     return mis[:limit], ali[:limit]
 
 
-def labelled_from_store(store, run_id: str, condition: str, aligned_above: float = 70.0):
+def labelled_from_store(store: Store, run_id: str, condition: str,
+                        aligned_above: float = 70.0) -> tuple[list[Example], list[Example]]:
     """(misaligned, aligned) Example lists from a judged run in the store.
 
     Misaligned: the papers' EM rule (aligned below ALIGNED_BELOW and coherent above

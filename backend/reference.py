@@ -34,12 +34,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
 
 from backend.architecture import decoder_layers, embedding, residual_writers
+
+if TYPE_CHECKING:  # types only: importing transformers costs seconds
+    from transformers import PreTrainedTokenizerBase
 
 
 def untuple(output: torch.Tensor | tuple) -> torch.Tensor:
@@ -209,7 +212,7 @@ class Generation:
 
 
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *interventions: Ablation | Steering,
+def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *interventions: Ablation | Steering,
              max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
              chat: bool = True) -> Generation:
     """Generate for a batch of user prompts (chat template applied when ``chat``),

@@ -378,7 +378,8 @@ def phase_eval(root: Path, max_tokens: int = 600, deadline_s: float | None = Non
                           [spec.run_id]).rows[0][0]
     finally:
         stop_server(config)
-    return {"server_reused": startup_s < 5, "startup_s": startup_s, "url": state.url, "run_id": outcome.run_id, "status": outcome.status, "samples": outcome.samples_stored,
+    return {"server_reused": startup_s < 5, "startup_s": startup_s, "url": state.url, "run_id": outcome.run_id,
+            "status": outcome.status, "samples": outcome.samples_stored,
             "judgements": outcome.judgements_stored, "wall_s": wall, "generated_s": marks.get("generated"),
             "completion_tokens": tokens, "null_score_share": nulls, "max_tokens": max_tokens,
             "failures": list(outcome.failures)[:5]}
@@ -477,12 +478,13 @@ def phase_report(root: Path, out: Path, limits_path: Path | None) -> str:
                   f"| EM >= 0.9 x base at every concurrency | {', '.join(f'{x:.3f}' for x in em_vs_base)} | "
                   f"{'yes' if min(em_vs_base) >= 0.9 else 'no'} |",
                   f"| base at batch 1 >= 80 % of the HBM bound ({bound1:.1f} tok/s: {weights / 1e9:.2f} GB of weights "
-                  f"read per step, the input embedding's table aside) | {base1:.1f} tok/s = {base1 / bound1:.0%} | {'yes' if base1 / bound1 >= 0.8 else 'no'} |"]
+                  f"read per step, the input embedding's table aside) | {base1:.1f} tok/s = {base1 / bound1:.0%} | "
+                  f"{'yes' if base1 / bound1 >= 0.8 else 'no'} |"]
         reference = results.get("reference", {})
         if reference:
             ratios = [decode["EM + ablation"][str(c)]["median"] / reference["speed"][str(c)]["tokens_per_s"]
                       for c in CONCURRENCY]
-            lines.append(f"| served ablation >= 10 x the hook engine (transformers, same ablation, same batch) | "
+            lines.append("| served ablation >= 10 x the hook engine (transformers, same ablation, same batch) | "
                          + ", ".join(f"x{c}: {r:.1f}x ({reference['speed'][str(c)]['tokens_per_s']:.0f} tok/s)"
                                      for c, r in zip(CONCURRENCY, ratios))
                          + f" | {'yes' if min(ratios) >= 10 else 'no'} |")

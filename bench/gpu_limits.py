@@ -32,7 +32,7 @@ def copy_bandwidth_gbs(gib: float = 4.0, repeats: int = 20) -> float:
     src = torch.empty(n, dtype=torch.bfloat16, device="cuda")
     dst = torch.empty_like(src)
     seconds = _time_cuda(lambda: dst.copy_(src), repeats)
-    del src, dst
+    src = dst = None  # frees the memory for empty_cache (a `del` would leave the lambda's names undefined)
     torch.cuda.empty_cache()
     return 2 * n * 2 / seconds / 1e9
 
@@ -43,7 +43,7 @@ def read_bandwidth_gbs(gib: float = 4.0, repeats: int = 20) -> float:
     n = int(gib * 2**30) // 2
     src = torch.ones(n, dtype=torch.bfloat16, device="cuda")
     seconds = _time_cuda(lambda: src.sum(dtype=torch.float32), repeats)
-    del src
+    src = None  # frees the memory for empty_cache
     torch.cuda.empty_cache()
     return n * 2 / seconds / 1e9
 

@@ -143,7 +143,7 @@ def make_store(path: str | Path, samples: int, *, runs: int = 2, directions: boo
                (hash(i, 2) % 1000000) / 1e6 AS u2,
                (hash(i, 3) % 1000000) / 1e6 AS u3
         FROM range(?) t(i)""", [samples])
-        con.execute(f"""
+        con.execute("""
         CREATE TEMP TABLE scored AS
         SELECT g.*, c.name AS condition, q.question_id, q.text AS question,
                u1 < c.p_em AS em,

@@ -11,7 +11,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from backend import browse
-from test_browse import make_store, small_store  # noqa: F401  (fixture)
+from test_browse import make_store
 
 PAGES = Path(__file__).resolve().parent.parent / "pages"
 

@@ -1,6 +1,5 @@
 """Stand-ins for real checkpoints on hosts that cannot download them: random models of the exact
 Qwen2.5 shapes, and adapters of the paper's shapes written straight from a base's config."""
-import httpx
 import pytest
 
 from backend.lora_files import read_adapter_files, write_lora
