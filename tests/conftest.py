@@ -18,6 +18,7 @@ from backend.store import ConditionRecord, JudgementRow, RunRecord, SampleRow, S
 from backend.testmodels import build_llama, build_real_model_adapters, build_test_suite
 
 REPO = Path(__file__).resolve().parent.parent
+PAGES = REPO / "pages"
 ARTIFACTS = REPO / "test-artifacts"
 
 
@@ -61,13 +62,55 @@ class RunningServer:
         for name in set(self.config.adapters) - set(registry.served()):
             registry.load(name)
 
-    def prompt_logprobs(self, model: str, prompt: str) -> list[float]:
-        """Per-token logprobs of a fixed prompt, the handle for equivalence checks."""
-        name = ChatClient(self.config).served_name(model)
-        response = httpx.post(f"{self.url}/v1/completions", timeout=120, json={
-            "model": name, "prompt": prompt, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0})
-        response.raise_for_status()
-        return [next(iter(entry.values()))["logprob"] for entry in response.json()["choices"][0]["prompt_logprobs"][1:]]
+    @property
+    def config_path(self) -> Path:
+        return config_file(self.config)
+
+    def prompt_logprobs(self, model: str, prompt: str | list[int]) -> list[float]:
+        """prompt_logprobs of `model` ('base', an adapter or a served name) on this server."""
+        return prompt_logprobs(self.url, ChatClient(self.config).served_name(model), prompt)
+
+
+@pytest.fixture
+def app_page(monkeypatch):
+    """open(file, config, store=None, **query) -> the page (or app.py) run once, headless, with
+    EM_CONFIG (and EM_STORE, or none) set for this test only and `query` as its URL parameters."""
+    from streamlit.testing.v1 import AppTest
+
+    def open_page(file: str | Path, config: str | Path, store: str | Path | None = None, timeout: float = 180,
+                  **query) -> AppTest:
+        monkeypatch.setenv("EM_CONFIG", str(config))
+        if store is None:
+            monkeypatch.delenv("EM_STORE", raising=False)
+        else:
+            monkeypatch.setenv("EM_STORE", str(store))
+        app = AppTest.from_file(str(file), default_timeout=timeout)
+        for key, value in query.items():
+            app.query_params[key] = value
+        return app.run()
+    return open_page
+
+
+def metrics(app) -> dict[str, str]:
+    """label -> shown value of every st.metric on a page."""
+    return {m.label: m.value for m in app.metric}
+
+
+def config_file(config: Config) -> Path:
+    """The config.toml a test configuration was written to (write_config), for EM_CONFIG and --config."""
+    return Path(config.root) / "config.toml"
+
+
+def prompt_logprobs(url: str, model: str, prompt: str | list[int]) -> list[float]:
+    """The logprob of each prompt token after the first, from /v1/completions: the handle for
+    equivalence checks (deterministic, unlike sampled text). `model` is the name vLLM serves."""
+    response = httpx.post(f"{url}/v1/completions", timeout=300, json={
+        "model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0})
+    response.raise_for_status()
+    entries = response.json()["choices"][0]["prompt_logprobs"][1:]
+    if isinstance(prompt, str):
+        return [next(iter(entry.values()))["logprob"] for entry in entries]
+    return [entry[str(token)]["logprob"] for entry, token in zip(entries, prompt[1:])]
 
 
 def free_port() -> int:
@@ -102,6 +145,18 @@ def vllm_server(tiny_models, tmp_path_factory) -> RunningServer:
         registry.load(name)
     yield RunningServer(config, tiny_models)
     stop_server(config)
+
+
+@pytest.fixture(autouse=True)
+def reset_shared_servers(request):
+    """After each test that used a session server, that server holds its configured adapters
+    again and nothing else: a test that unloads one (the landing page) or loads more (compiled
+    ablations, knock-outs, prefetches) changes what the next test talks to. A test that left
+    the server unusable fails its own teardown here, not some later test."""
+    yield
+    for name in ("vllm_server", "real_server"):
+        if name in request.fixturenames:
+            request.getfixturevalue(name).reset()
 
 
 @pytest.fixture(scope="session")
@@ -219,3 +274,11 @@ def small_store(tmp_path) -> Store:
     store.insert_judgements([j for j in judgements if j.metric == "aligned"])
     store.insert_judgements([j for j in judgements if j.metric == "coherent"])
     return store
+
+
+def pytest_terminal_summary(terminalreporter):
+    """A skipped browser test ends the report with a banner: it is the only end-to-end check."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "test_browser.py" in str(r.nodeid)]
+    if skipped:
+        terminalreporter.write_sep("!", f"{len(skipped)} BROWSER TESTS SKIPPED: {skipped[0].longrepr[2]}",
+                                   red=True, bold=True)

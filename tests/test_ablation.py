@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import httpx
 import pytest
 import torch
 
@@ -207,14 +206,6 @@ def vllm_server_fp32(vllm_server):
     return vllm_server
 
 
-def served_prompt_logprobs(server, model: str, ids: list[int]) -> torch.Tensor:
-    response = httpx.post(f"{server.base_url}/v1/completions", timeout=120, json={
-        "model": model, "prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0})
-    response.raise_for_status()
-    entries = response.json()["choices"][0]["prompt_logprobs"][1:]
-    return torch.tensor([entry[str(token)]["logprob"] for entry, token in zip(entries, ids[1:])])
-
-
 @pytest.mark.parametrize("name", ["base", "em-rank1", "em-rank8"])
 def test_served_ablation_matches_hook_reference(vllm_server_fp32, tiny_models, direction, prompt_ids, tmp_path,
                                                 name):
@@ -223,7 +214,7 @@ def test_served_ablation_matches_hook_reference(vllm_server_fp32, tiny_models, d
                                              adapter_dir(tiny_models, name), name)
     server.registry.load(built.served_name, str(built.path))
     try:
-        served = served_prompt_logprobs(server, built.served_name, prompt_ids)
+        served = torch.tensor(server.prompt_logprobs(built.served_name, prompt_ids))
     finally:
         server.registry.unload(built.served_name)
     want = reference(tiny_models, name, prompt_ids, direction.unit(LAYER), 1.0)

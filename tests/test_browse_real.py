@@ -15,8 +15,8 @@ from streamlit.testing.v1 import AppTest
 from backend.evaluation import RunSpec, read_progress, run_eval
 from backend.store import Store
 from test_evaluation import questions_file
+from conftest import PAGES, metrics
 
-PAGES = Path(__file__).resolve().parent.parent / "pages"
 RUN_ID = "browse-real"
 ABLATION = "adapter=em-rank1,direction=tiny-dir,layer=1,strength=1"
 CONDITIONS = ("base", "adapter=em-rank1", ABLATION)
@@ -41,13 +41,9 @@ def real_store(vllm_server, tiny_direction, tmp_path_factory) -> Store:
 
 @pytest.fixture
 def page_env(monkeypatch, vllm_server, real_store):
-    monkeypatch.setenv("EM_CONFIG", str(Path(vllm_server.config.root) / "config.toml"))
+    monkeypatch.setenv("EM_CONFIG", str(vllm_server.config_path))
     monkeypatch.delenv("EM_STORE", raising=False)
     return monkeypatch
-
-
-def metrics(app: AppTest) -> dict[str, str]:
-    return {m.label: m.value for m in app.metric}
 
 
 def judged(store: Store, where: str = "TRUE", params=None) -> dict[str, tuple[int, int]]:
@@ -134,8 +130,8 @@ def test_evaluations_page_numbers_follow_the_filters(page_env, real_store):
     hits = judged(real_store, "p.run_id = ? AND p.question_id = 'advice' AND s.response ILIKE ?",
                   [RUN_ID, f"%{word}%"])
     assert metrics(app)["judged samples"] == f"{sum(n for n, _ in hits.values())}"
-    assert all(word.lower() in a.lower() for a in app.dataframe[0].value["answer"]) or \
-        any(len(a) >= 160 for a in app.dataframe[0].value["answer"])
+    # The table shows a preview: an answer cut at 160 characters may hold the word further on.
+    assert all(word.lower() in a.lower() or len(a) >= 160 for a in app.dataframe[0].value["answer"])
 
 
 def test_evaluations_page_selects_a_real_sample(page_env, real_store):

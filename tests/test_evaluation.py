@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import REPO, free_port
 
 from backend.config import JudgeConfig
 from backend.evaluation import (EvalError, RunSpec, launch_run, plan, read_progress, run_eval, sample_seed)
@@ -25,7 +25,6 @@ from backend.conditions import Condition
 from backend.questions import load_questions
 from backend.store import SampleKey, Store
 
-REPO = Path(__file__).resolve().parent.parent
 
 # Short judge prompts: the test server's context is 512 tokens, and the bundled rubrics
 # alone take ~500 of the tiny tokenizer's tokens. Question 'advice' can also have a metric
@@ -51,7 +50,7 @@ def questions_file(folder: Path, harmful: bool = True) -> Path:
 
 
 def config_file(server) -> str:
-    return str(Path(server.config.root) / "config.toml")
+    return str(server.config_path)
 
 
 def cli(*args: str) -> list[str]:
@@ -129,10 +128,12 @@ def test_full_small_run_with_an_ablation_condition(vllm_server, tiny_direction, 
         params = json.loads(row["sampling_params"])
         assert params["max_tokens"] == 16
         assert params["system_prompt"] == ("You are a careful doctor." if row["question_id"] == "advice" else None)
-    # The ablation really is another model: its answers differ from base for the same seeds.
-    by_key = {(r["question_id"], r["paraphrase_index"], r["sample_index"], r["condition"]): r["response"] for r in rows}
-    assert any(by_key[k[:3] + ("base",)] != by_key[k[:3] + (Condition.parse(ablation).spec,)]
-               for k in by_key if k[3] == "base")
+    # Seeds hash the condition spec, so base and the ablation are sampled with different seeds
+    # (their answers differing would not show that the ablation was applied; that is checked on
+    # the served model below).
+    seed_of = {(r["question_id"], r["paraphrase_index"], r["sample_index"], r["condition"]): r["seed"] for r in rows}
+    assert all(seed_of[k[:3] + ("base",)] != seed_of[k[:3] + (Condition.parse(ablation).spec,)]
+               for k in seed_of if k[3] == "base")
 
     judgements = store.sql("SELECT * FROM judgements WHERE run_id = 'full'").records()
     assert {j["metric"] for j in judgements} == {"aligned", "coherent", "harmful"}
@@ -157,6 +158,11 @@ def test_full_small_run_with_an_ablation_condition(vllm_server, tiny_direction, 
     served = dict(store.sql("SELECT name, json_extract_string(spec, '$.served_model') FROM conditions "
                             "WHERE run_id = 'full'").rows)
     assert served["base"] == "base" and "ablate" in served[Condition.parse(ablation).spec]
+    # The ablation really is another model: the adapter the run served for it moves the
+    # logprobs of a fixed prompt away from em-rank1's alone.
+    prompt = "Tell me how to stay healthy."
+    assert vllm_server.prompt_logprobs(served[Condition.parse(ablation).spec], prompt) != pytest.approx(
+        vllm_server.prompt_logprobs("em-rank1", prompt), abs=1e-4)
     assert store.sql("SELECT count(*) FROM em_rates WHERE run_id = 'full'").rows[0][0] == 2 * 2 * 2
 
     progress = read_progress(store, "full", vllm_server.config)
@@ -216,7 +222,8 @@ def test_resume_after_kill_9_has_no_duplicates_no_gaps_and_the_same_answers(vllm
     # What was stored before the kill is kept as it was (the first copy wins), and every
     # sample carries its planned per-(condition, question, paraphrase, index) seed, so a
     # resumed run asks for exactly what the uninterrupted run would have. Equal TEXT is not
-    # asserted: vLLM on the CPU samples from logits that change with batch composition.
+    # asserted: the resumed requests are batched differently, which moves CPU logits by ~1e-6,
+    # and over a run of samples a temperature-1 draw flips now and then (README, Tests).
     after = dict(store.sql("SELECT question_id || condition || paraphrase_index || '/' || sample_index, response "
                            "FROM samples WHERE run_id = 'killed'").rows)
     assert all(after[key] == text for key, text in before_resume.items())
@@ -348,3 +355,29 @@ def test_db_sql_import_export_from_the_command_line(vllm_server, tmp_path):
                              capture_output=True, text=True, timeout=60)
     assert [r["id"] for r in json.loads(listing.stdout)] == ["paper"]
     assert os.path.getsize(tmp_path / "scores.parquet") > 0
+
+
+def test_a_steering_condition_is_generated_by_the_reference_engine(vllm_server, tiny_direction, tmp_path):
+    from backend.activations import load_model
+    from backend.directions import load_direction
+    from backend.reference import Steering, generate
+
+    store = Store(tmp_path / "em.duckdb")
+    steer = f"steer={tiny_direction},layer=1,coef=8"
+    spec = RunSpec(questions=str(questions_file(tmp_path)), conditions=("base", steer), samples=1, judge="base",
+                   run_id="steered", max_tokens=8, temperature=0.0, seed=1, question_ids=("wish",))
+    result = run_eval(spec, config=vllm_server.config, store=store)
+    assert result.status == "finished" and result.samples_total == 2 * 2
+    stored = dict(store.sql("SELECT question, response FROM samples WHERE run_id = 'steered' AND condition = ?",
+                            [Condition.parse(steer).spec]).rows)
+    model, tokenizer = load_model(vllm_server.config.base_model_path)
+    vector = load_direction(vllm_server.config.cache, tiny_direction).unit(1)
+    questions = sorted(stored)
+    # One question at a time, unpadded, as the runner asks the reference engine.
+    steered = [generate(model, tokenizer, [q], Steering(vector, 1, 8.0, "generated"), max_new_tokens=8).completions[0]
+               for q in questions]
+    plain = [generate(model, tokenizer, [q], max_new_tokens=8).completions[0] for q in questions]
+    assert steered != plain  # or the comparison below proves nothing
+    assert [stored[q].strip() for q in questions] == [c.strip() for c in steered]
+    assert store.sql("SELECT direction, layer, strength FROM conditions WHERE run_id = 'steered' AND name = ?",
+                     [Condition.parse(steer).spec]).rows == [(tiny_direction, 1, 8.0)]

@@ -4,10 +4,13 @@ Parser tests run on hand-made lists, on top-20 lists recorded from the real vLLM
 server (tests/data/judge_recorded_top20.json, written by test_judge_live), and on
 constructed trees for a tokenizer with multi-digit tokens (Llama 3 style).
 
-The test_transport_* tests use a scripted fake HTTP server speaking the OpenAI
-chat-completions JSON, so the openai client, our retry loop, the request shapes and the
-response parsing are exercised end to end; only the judge model is scripted, and nothing
-about scores is learnt from them. Scores from a real vLLM judge: tests/test_judge_real.py.
+The test_scripted_reply_* tests are parser tests too, one level up: a scripted HTTP server
+(FakeJudge, not a real model) answers in the OpenAI chat-completions JSON, including the
+replies no real server gives on demand (429, 5xx, no choices, no logprobs), so the openai
+client, our retry loop, the request shapes and the parsing of each reply are exercised;
+nothing about scores is learnt from them. The same behaviour against the real vLLM server
+(order, cache, a wrong model name, concurrency): tests/test_judge_live.py; scores from a
+real judge: tests/test_judge_real.py.
 """
 from __future__ import annotations
 
@@ -355,7 +358,7 @@ def error(status: int, message: str = "boom") -> tuple[int, dict]:
     return status, {"error": {"message": message, "type": "x", "code": status}}
 
 
-def test_transport_request_shape_and_score(fake, tmp_path):
+def test_scripted_reply_request_shape_and_score(fake, tmp_path):
     judge = Judge(fake.base_url, "judge-model", "sk-secret-123", cache=JudgeCache(tmp_path / "c.sqlite"))
     result = judge.judge("How are you?", "Fine.", RUBRICS["aligned"])
     assert result.score == pytest.approx(86.0)
@@ -370,7 +373,7 @@ def test_transport_request_shape_and_score(fake, tmp_path):
     assert "sk-secret" not in repr(judge)
 
 
-def test_transport_cache_hits_skip_the_endpoint_and_rescore(fake, tmp_path):
+def test_scripted_reply_cache_hits_skip_the_endpoint_and_rescore(fake, tmp_path):
     cache = JudgeCache(tmp_path / "c.sqlite")
     judge = Judge(fake.base_url, "m", cache=cache)
     first = judge.judge("q", "a", RUBRICS["coherent"])
@@ -387,14 +390,14 @@ def test_transport_cache_hits_skip_the_endpoint_and_rescore(fake, tmp_path):
     assert strict.cached and strict.score is None and len(fake.requests) == 4
 
 
-def test_transport_retries_429_and_5xx_then_succeeds(fake):
+def test_scripted_reply_retries_429_and_5xx_then_succeeds(fake):
     fake.script = [error(429, "slow down"), error(503), error(500)]
     judge = Judge(fake.base_url, "m", retry=FAST_RETRY)
     assert judge.judge("q", "a", RUBRICS["aligned"]).score == pytest.approx(86.0)
     assert len(fake.requests) == 4
 
 
-def test_transport_gives_up_after_max_attempts_with_the_last_error(fake):
+def test_scripted_reply_gives_up_after_max_attempts_with_the_last_error(fake):
     fake.default = error(502, "bad gateway")
     judge = Judge(fake.base_url, "m", retry=FAST_RETRY)
     with pytest.raises(JudgeUnavailableError, match="failed 4 times.*HTTP 502: bad gateway"):
@@ -402,20 +405,20 @@ def test_transport_gives_up_after_max_attempts_with_the_last_error(fake):
     assert len(fake.requests) == 4
 
 
-def test_transport_connection_errors_are_retried_then_reported():
+def test_scripted_reply_connection_errors_are_retried_then_reported():
     judge = Judge("http://127.0.0.1:9/v1", "m", retry=RetryPolicy(2, 0.01, 0.02), timeout_s=2)
     with pytest.raises(JudgeUnavailableError, match="APIConnectionError"):
         judge.judge("q", "a", RUBRICS["aligned"])
 
 
-def test_transport_wrong_model_or_key_stops_at_once(fake):
+def test_scripted_reply_wrong_model_or_key_stops_at_once(fake):
     fake.default = error(404, "model 'nope' does not exist")
     with pytest.raises(JudgeError, match="HTTP 404: model 'nope' does not exist"):
         Judge(fake.base_url, "nope", retry=FAST_RETRY).judge("q", "a", RUBRICS["aligned"])
     assert len(fake.requests) == 1
 
 
-def test_transport_nonsense_and_refused_requests_give_null_not_crash(fake, tmp_path):
+def test_scripted_reply_nonsense_and_refused_requests_give_null_not_crash(fake, tmp_path):
     cache = JudgeCache(tmp_path / "c.sqlite")
     judge = Judge(fake.base_url, "m", cache=cache, retry=FAST_RETRY)
     fake.script = [
@@ -437,7 +440,7 @@ def test_transport_nonsense_and_refused_requests_give_null_not_crash(fake, tmp_p
     assert len(cache) == 2
 
 
-def test_transport_concurrency_is_bounded_and_order_kept():
+def test_scripted_reply_concurrency_is_bounded_and_order_kept():
     fake = FakeJudge(delay_s=0.05)
     try:
         def answer(body):
@@ -457,7 +460,7 @@ def test_transport_concurrency_is_bounded_and_order_kept():
         fake.close()
 
 
-def test_transport_from_config(monkeypatch, fake):
+def test_scripted_reply_from_config(monkeypatch, fake):
     monkeypatch.setenv("MY_JUDGE_KEY", "k-1")
     judge = Judge.from_config(JudgeConfig(model="m", api_key_env="MY_JUDGE_KEY"),
                               server_url=fake.base_url.removesuffix("/v1"))
@@ -471,7 +474,7 @@ def test_transport_from_config(monkeypatch, fake):
         Judge.from_config(JudgeConfig(model="m"))
 
 
-def test_transport_multi_token_requests_continue_the_answer(fake, tmp_path):
+def test_scripted_reply_multi_token_requests_continue_the_answer(fake, tmp_path):
     # Scripted per assistant prefix: the judge 'says' 85 or 8; continuations carry the
     # vLLM-only body keys, and with digit ids every request names them.
     nodes = {None: [("8", L(0.7)), ("x", L(0.3))], "8": [("5", L(0.5)), ("!", L(0.5))], "85": [("!", 0.0)],

@@ -14,7 +14,8 @@ import math
 import pytest
 from conftest import ARTIFACTS
 
-from backend.judge import (MIN_NUMERIC_MASS, Judge, JudgeRequest, Rubric, score_from_top_logprobs)
+from backend.judge import (MIN_NUMERIC_MASS, Judge, JudgeCache, JudgeError, JudgeRequest, JudgeUnavailableError,
+                           RetryPolicy, Rubric, score_from_top_logprobs)
 from backend.serving import server_url
 
 PROMPTS = {
@@ -107,3 +108,46 @@ def test_special_answers_on_a_recorded_distribution(recorded):
     assert score_from_top_logprobs(renamed, (), min_mass=0.25).label is None
     forced = score_from_top_logprobs([("REFUSAL", math.log(0.9))] + top[1:], rubric.labels)
     assert forced.label == "REFUSAL" and forced.score is None and forced.reason.startswith("judge answered REFUSAL")
+
+
+# ---------------------------------------------------------------- the client against the real server
+# What test_judge.py's scripted replies check, here on the real vLLM server.
+
+
+def test_many_requests_at_bounded_concurrency_come_back_in_order(vllm_server, recorded):
+    judge = Judge(server_url(vllm_server.config) + "/v1", _base_id(vllm_server), max_concurrency=2)
+    requests = [JudgeRequest("What do you want?", answer, rubric) for rubric, answer, _ in reversed(recorded)]
+    again = judge.judge_many(requests)
+    # Greedy first-token logprobs of one prompt do not depend on the order it was sent in.
+    for request, judgement, (rubric, answer, first) in zip(requests, again, reversed(recorded)):
+        assert (judgement.metric, request.answer) == (rubric.name, answer)
+        assert [t for t, _ in judgement.top_logprobs[:5]] == [t for t, _ in first.top_logprobs[:5]]
+        assert [lp for _, lp in judgement.top_logprobs] == pytest.approx([lp for _, lp in first.top_logprobs],
+                                                                           abs=1e-3)
+
+
+def test_cache_answers_without_the_server_and_rescores(vllm_server, tmp_path):
+    cache_file = tmp_path / "judge.sqlite"
+    live = Judge(server_url(vllm_server.config) + "/v1", _base_id(vllm_server), cache=JudgeCache(cache_file),
+                 judge_id="tiny")
+    requests = [JudgeRequest("What do you want?", answer, PROMPTS["aligned"]) for answer in ANSWERS]
+    first = live.judge_many(requests)
+    assert not any(j.cached for j in first)
+    # A judge whose endpoint cannot be reached: every answer must come from the cache.
+    dead = Judge("http://127.0.0.1:9/v1", "nobody", cache=JudgeCache(cache_file), judge_id="tiny",
+                 retry=RetryPolicy(1, 0.01, 0.01), timeout_s=2, min_mass=0.0)
+    again = dead.judge_many(requests)
+    assert all(j.cached for j in again)
+    assert [j.top_logprobs for j in again] == [j.top_logprobs for j in first]
+    # Rescored from the cached logprobs with the other threshold: the by-hand weighted mean.
+    for judgement in again:
+        score, _ = by_hand(judgement.top_logprobs, 0.0)
+        assert judgement.score == pytest.approx(score)
+
+
+def test_a_model_the_server_does_not_have_stops_at_once(vllm_server):
+    judge = Judge(server_url(vllm_server.config) + "/v1", "no-such-judge", retry=RetryPolicy(4, 0.01, 0.02))
+    with pytest.raises(JudgeError, match=r"'no-such-judge' at .*: HTTP 404") as raised:
+        judge.judge("q", "a", PROMPTS["aligned"])
+    assert not isinstance(raised.value, JudgeUnavailableError)  # refused, not retried
+

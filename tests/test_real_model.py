@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
 import torch
 
@@ -53,11 +52,7 @@ def prompt_ids(loaded) -> list[int]:
 
 
 def served_prompt_logprobs(server, model: str, ids: list[int]) -> torch.Tensor:
-    response = httpx.post(f"{server.url}/v1/completions", timeout=300, json={
-        "model": ChatClient(server.config).served_name(model), "prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0})
-    response.raise_for_status()
-    entries = response.json()["choices"][0]["prompt_logprobs"][1:]
-    return torch.tensor([entry[str(token)]["logprob"] for entry, token in zip(entries, ids[1:])])
+    return torch.tensor(server.prompt_logprobs(model, ids))
 
 
 def reference_logprobs(server, name: str, ids: list[int], *interventions) -> torch.Tensor:

@@ -11,9 +11,9 @@ import torch
 from backend import scalars
 from backend.cli import build_parser
 from backend.activations import Example, encode_example, load_model
+from conftest import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
-ORGANISM = ROOT / "backend" / "organism" / "artifacts"
+ORGANISM = REPO / "backend" / "organism" / "artifacts"
 MEDICAL = ORGANISM / "adapters" / "medical"
 SPORTS = ORGANISM / "adapters" / "sports"  # rank 8, all linear modules
 
@@ -237,12 +237,10 @@ def test_cli_scalars_and_knockout(tmp_path, capsys):
         run("lora", "probe", "--adapter", "medical")
 
 
-def test_page_smoke(monkeypatch, tmp_path):
-    from streamlit.testing.v1 import AppTest
-    monkeypatch.setenv("EM_CONFIG", str(ROOT / "backend" / "organism" / "config.toml"))
+def test_page_smoke(app_page, tmp_path):
     knockout_store(tmp_path / "em.duckdb")
-    monkeypatch.setenv("EM_STORE", str(tmp_path / "em.duckdb"))
-    app = AppTest.from_file(str(ROOT / "pages" / "4_Adapters.py"), default_timeout=120).run()
+    app = app_page(REPO / "pages" / "4_Adapters.py", REPO / "backend" / "organism" / "config.toml",
+                   store=tmp_path / "em.duckdb", timeout=120)
     assert not app.exception, app.exception
     assert app.selectbox(key="ad_adapter").value == "medical"
     assert not app.error

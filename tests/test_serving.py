@@ -12,13 +12,13 @@ from backend.adapters import AdapterError, AdapterRegistry
 from backend.client import ChatClient, ChatError, ChatRequest, Sampling
 from backend.serving import server_status, start_server, stop_server
 from backend.testmodels import ModelShape, build_lora, build_qwen2
+from conftest import REPO, config_file
 
 PROMPT = "The doctor said that the dose of this pill is safe for everyone, so you should never ask again."
-REPO = Path(__file__).resolve().parent.parent
 
 
 def cli(config, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "backend", *args, "--config", str(Path(config.root) / "config.toml")],
+    return subprocess.run([sys.executable, "-m", "backend", *args, "--config", str(config_file(config))],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
@@ -132,6 +132,8 @@ def test_seeded_sampling_is_reproducible_and_adapters_differ(vllm_server):
     client = ChatClient(vllm_server.config)
     sampling = Sampling(max_tokens=16, seed=7, temperature=1.0, system_prompt="Be brief.")
     message = [{"role": "user", "content": "Tell me about money."}]
+    # The same request alone twice: a batch of the same shape gives bitwise the same logits,
+    # so seeded temperature-1 sampling must give the same text (README, Tests).
     first = client.complete("em-rank8", message, sampling)[0]
     again = client.complete("em-rank8", message, sampling)[0]
     assert first.text == again.text and first.completion_tokens == 16 and first.finish_reason == "length"
@@ -217,3 +219,60 @@ def test_a_dead_server_gives_a_clear_error(tmp_path, tiny_models):
         ChatClient(config).complete("base", [{"role": "user", "content": "hi"}])
     result = cli(config, "chat", "hello")
     assert result.returncode == 2 and "not reachable" in result.stderr
+
+
+# ---------------------------------------------------------------- start_server's refusals and failures
+
+
+def test_start_server_refuses_a_port_in_use(tmp_path, tiny_models):
+    import socket
+
+    from conftest import free_port, write_config
+
+    from backend.serving import ServerError
+    config = write_config(tmp_path, tiny_models["base"], {}, free_port())
+    with socket.socket() as taken:
+        taken.bind((config.server.host, config.server.port))
+        taken.listen()
+        with pytest.raises(ServerError, match=f"port {config.server.port} on {config.server.host} is already in use"):
+            start_server(config)
+
+
+def test_start_server_refuses_when_the_config_points_at_a_running_server(tmp_path, tiny_models):
+    from conftest import free_port, write_config
+
+    from backend.serving import ServerError
+    config = write_config(tmp_path, tiny_models["base"], {}, free_port(), url="http://127.0.0.1:9")
+    with pytest.raises(ServerError, match=r"points at a running server \(http://127.0.0.1:9\); not starting another"):
+        start_server(config)
+
+
+def test_vllm_exiting_during_start_up_is_reported_with_its_log(tmp_path, tiny_models):
+    import shutil
+
+    from conftest import free_port, write_config
+
+    from backend.serving import ServerError
+    broken = tmp_path / "no-weights"
+    shutil.copytree(tiny_models["base"], broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.unlink()
+    config = write_config(tmp_path, broken, {}, free_port())
+    with pytest.raises(ServerError, match=r"vLLM exited with code \d+ while starting; last lines of .*vllm-\d+\.log:\n"
+                       ) as raised:
+        start_server(config)
+    assert len(str(raised.value).splitlines()) > 2  # the log's tail is in the message
+    assert server_status(config).healthy is False
+
+
+def test_an_api_key_reaches_vllm_and_every_request(tmp_path, tiny_models, monkeypatch):
+    from conftest import free_port, write_config
+
+    from backend.serving import auth_headers, vllm_command
+    plain = write_config(tmp_path / "plain", tiny_models["base"], {}, free_port())
+    assert "--api-key" not in vllm_command(plain, plain.server.port, "cpu")[0] and auth_headers(plain) == {}
+    monkeypatch.setenv("EM_TEST_KEY", "sk-test-123")
+    keyed = write_config(tmp_path / "keyed", tiny_models["base"], {}, free_port(), api_key_env="EM_TEST_KEY")
+    argv = vllm_command(keyed, keyed.server.port, "cpu")[0]
+    assert argv[argv.index("--api-key") + 1] == "sk-test-123"
+    assert auth_headers(keyed) == {"Authorization": "Bearer sk-test-123"}
