@@ -5,7 +5,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from backend import scalars
+from backend import knockouts, probes, scalars, token_view
 from backend.activations import Example
 from backend.adapters import AdapterError, read_adapter_files
 from backend.config import ConfigError
@@ -102,8 +102,8 @@ if example is not None and example.response:
                 vmax = shared_max if shared else float(abs(values).max()) if values.size else 0.0
                 with column:
                     st.markdown(f"**{name}** (s = {result.scalings[name]:g})")
-                    st.html(scalars.legend_html(vmax))
-                    st.html(scalars.token_html(result.tokens, values, vmax))
+                    st.html(token_view.legend_html(vmax))
+                    st.html(token_view.token_html(result.tokens, values, vmax))
 
 # ------------------------------------------------------------------ probes
 st.subheader("Probes: which adapters track misalignment, which the narrow domain")
@@ -122,14 +122,14 @@ narrow = st.text_input("narrow domain", "medical", key="ad_narrow")
 if st.button("Run probes", key="ad_probe"):
     try:
         if label_choice == label_sources[0]:
-            labelled = scalars.organism_labelled_set(per_cell=8, narrow_domain=narrow)
+            labelled = probes.organism_labelled_set(per_cell=8, narrow_domain=narrow)
         else:
             run_id, condition = judged[label_sources.index(label_choice) - 1]
-            labelled = scalars.labels_from_store(store, run_id, condition, limit=2000)
+            labelled = probes.labels_from_store(store, run_id, condition, limit=2000)
         with st.spinner(f"Scalars of {len(labelled)} responses ..."):
             results = scalars.compute_scalars(model, tokenizer, [item.example for item in labelled], batch_size=16)
-        st.session_state["ad_probe_result"] = (adapter, scalars.probe_report(
-            scalars.run_probes(results, labelled, narrow)))
+        st.session_state["ad_probe_result"] = (adapter, probes.probe_report(
+            probes.run_probes(results, labelled, narrow)))
     except (scalars.ScalarError, StoreError, KeyError) as error:
         st.error(str(error))
 
@@ -166,7 +166,7 @@ load_it = st.checkbox("load it into the vLLM server", value=False, key="ad_ko_lo
 if st.button("Compile knock-out", key="ad_ko"):
     try:
         targets = modules if ko_module == "(every adapter)" else [ko_module]
-        ko = scalars.compile_knockout(config.adapter_path(adapter), {m: ko_factor for m in targets},
+        ko = knockouts.compile_knockout(config.adapter_path(adapter), {m: ko_factor for m in targets},
                                       config.cache / "adapters")
         st.success(f"{ko.name}: {ko.path}" + (" (reused)" if ko.reused else ""))
         if load_it:
@@ -179,14 +179,14 @@ if st.button("Compile knock-out", key="ad_ko"):
 try:
     ko_runs = [r[0] for r in store.sql(
         "SELECT DISTINCT run_id FROM conditions WHERE adapter LIKE ? ORDER BY run_id",
-        [adapter + scalars.KO_SEPARATOR + "%"]).rows]
+        [adapter + knockouts.KO_SEPARATOR + "%"]).rows]
 except StoreError:
     ko_runs = []
 if ko_runs:
     ko_run = st.selectbox("knock-out run", ko_runs, index=len(ko_runs) - 1, key="ad_ko_run")
     definition = st.radio("EM definition", ["turner2025", "betley2025"], horizontal=True, key="ad_ko_def")
     try:
-        effects = pd.DataFrame(scalars.knockout_effects(store, ko_run, adapter, definition))
+        effects = pd.DataFrame(knockouts.knockout_effects(store, ko_run, adapter, definition))
     except (scalars.ScalarError, StoreError) as error:
         st.warning(str(error))
         effects = pd.DataFrame()

@@ -7,20 +7,9 @@ import json
 from backend.activations import Example, load_model
 from backend.adapters import AdapterRegistry
 from backend.config import Config, load_config
-from backend.scalars import (
-    ScalarError,
-    adapter_labels_in,
-    compile_knockout,
-    compute_scalars,
-    knockout_all,
-    knockout_each,
-    labels_from_file,
-    labels_from_store,
-    organism_labelled_set,
-    probe_report,
-    run_probes,
-    token_scalars,
-)
+from backend.knockouts import adapter_labels_in, compile_knockout, knockout_all, knockout_each
+from backend.probes import labels_from_file, labels_from_store, organism_labelled_set, probe_report, run_probes
+from backend.scalars import ScalarError, compute_scalars, token_scalars
 from backend.store import Store
 
 
