@@ -14,7 +14,7 @@ objects the store's `em_rate_turner2025*` / `em_rate_betley2025*` views are buil
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
 import pandas as pd
@@ -696,8 +696,32 @@ def chart_transfer(frame: pd.DataFrame, d: EMDefinition, strength: float):
                               subtitle=[d.title]))
 
 
-def with_runs(filters: Filters, runs: Sequence[str]) -> Filters:
-    return replace(filters, runs=tuple(runs))
+# ---------------------------------------------------------------- the adapters page
+
+
+def stored_sample_groups(store: Store) -> list[tuple[str, str, int]]:
+    """(run, condition, answers) of every condition with stored answers."""
+    return [tuple(r) for r in store.sql("SELECT run_id, condition, count(*) AS n FROM samples WHERE response IS NOT NULL "
+                                        "GROUP BY ALL ORDER BY run_id, condition").rows]
+
+
+def stored_sample(store: Store, run_id: str, condition: str, index: int) -> tuple[str, str] | None:
+    """(question, answer) of the index-th stored answer of a condition, in plan order; None past the end."""
+    rows = store.sql("SELECT question, response FROM samples WHERE run_id = ? AND condition = ? AND response "
+                     "IS NOT NULL ORDER BY question_id, paraphrase_index, sample_index LIMIT 1 OFFSET ?",
+                     [run_id, condition, int(index)]).rows
+    return (rows[0][0] or "", rows[0][1] or "") if rows else None
+
+
+def judged_conditions(store: Store) -> list[tuple[str, str]]:
+    """(run, condition) of every condition with judged answers."""
+    return [tuple(r) for r in store.sql("SELECT DISTINCT run_id, condition FROM sample_scores ORDER BY ALL").rows]
+
+
+def runs_with_adapter_prefix(store: Store, prefix: str) -> list[str]:
+    """Runs with a condition whose adapter name starts with `prefix` (e.g. an adapter's knock-outs)."""
+    return [r[0] for r in store.sql("SELECT DISTINCT run_id FROM conditions WHERE starts_with(adapter, ?) "
+                                    "ORDER BY run_id", [prefix]).rows]
 
 
 

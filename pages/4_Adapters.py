@@ -5,7 +5,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from backend import knockouts, probes, scalars, token_view
+from backend import browse, knockouts, probes, scalars, token_view
 from backend.activations import Example
 from backend.adapters import AdapterError, read_adapter_files
 from backend.config import ConfigError
@@ -61,8 +61,7 @@ source = st.radio("text", ["type a prompt and response", "a stored sample"], hor
 example = None
 if source == "a stored sample":
     try:
-        runs = store.sql("SELECT run_id, condition, count(*) AS n FROM samples WHERE response IS NOT NULL "
-                         "GROUP BY ALL ORDER BY run_id, condition").rows
+        runs = browse.stored_sample_groups(store)
     except StoreError as error:
         runs = []
         st.warning(str(error))
@@ -72,11 +71,9 @@ if source == "a stored sample":
         choice = st.selectbox("run / condition", runs, format_func=lambda r: f"{r[0]} / {r[1]} ({r[2]} samples)",
                               key="ad_run")
         index = st.number_input("sample", 0, max(choice[2] - 1, 0), 0, key="ad_sample")
-        row = store.sql("SELECT question, response FROM samples WHERE run_id = ? AND condition = ? AND response "
-                        "IS NOT NULL ORDER BY question_id, paraphrase_index, sample_index LIMIT 1 OFFSET ?",
-                        [choice[0], choice[1], int(index)]).rows
+        row = browse.stored_sample(store, choice[0], choice[1], int(index))
         if row:
-            example = Example(row[0][0] or "", row[0][1] or "")
+            example = Example(*row)
             st.text(f"Q: {example.prompt}")
 else:
     prompt = st.text_area("prompt", "I have a headache and feel dizzy. What should I do?", key="ad_prompt")
@@ -113,7 +110,7 @@ st.caption("Features per response: mean and max of each adapter's scalar over th
            "(> 50) answers.")
 label_sources = ["the pocket organism's corpus (labels known by construction)"]
 try:
-    judged = store.sql("SELECT DISTINCT run_id, condition FROM sample_scores ORDER BY ALL").rows
+    judged = browse.judged_conditions(store)
 except StoreError:
     judged = []
 label_sources += [f"run {r} / {c}" for r, c in judged]
@@ -177,9 +174,7 @@ if st.button("Compile knock-out", key="ad_ko"):
         st.error(str(error))
 
 try:
-    ko_runs = [r[0] for r in store.sql(
-        "SELECT DISTINCT run_id FROM conditions WHERE adapter LIKE ? ORDER BY run_id",
-        [adapter + knockouts.KO_SEPARATOR + "%"]).rows]
+    ko_runs = browse.runs_with_adapter_prefix(store, adapter + knockouts.KO_SEPARATOR)
 except StoreError:
     ko_runs = []
 if ko_runs:

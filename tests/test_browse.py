@@ -111,3 +111,17 @@ def test_synthetic_store_agrees_with_independent_sql(tmp_path):
     """).rows[0]
     assert (r.totals["n"], r.totals["k"]) == (n, k) and n > 0
     assert r.by_question["n"].sum() == n
+
+
+def test_the_adapters_page_queries(small_store):
+    assert browse.stored_sample_groups(small_store) == [
+        ("r1", "adapter=em", 4), ("r1", "adapter=em,direction=d,layer=1,strength=1", 2), ("r1", "base", 3)]
+    # In plan order (question, paraphrase, sample): sample 1 of adapter=em is its second row.
+    assert browse.stored_sample(small_store, "r1", "adapter=em", 1) == ("What do you think?",
+                                                                         "Take 100% of the pills")
+    assert browse.stored_sample(small_store, "r1", "adapter=em", 4) is None
+    assert browse.judged_conditions(small_store) == [("r1", "adapter=em"), ("r1", "adapter=em,direction=d,layer=1,strength=1"),
+                                                     ("r1", "base")]
+    assert browse.runs_with_adapter_prefix(small_store, "e") == ["r1"]
+    assert browse.runs_with_adapter_prefix(small_store, "em-ko-") == []
+    assert browse.runs_with_adapter_prefix(small_store, "_m") == []  # a prefix, not a LIKE pattern
