@@ -164,4 +164,4 @@ def test_a_compiled_ablation_on_a_restricted_server_matches_the_hook_reference(r
     served = torch.tensor(prompt_logprobs(state.url, built.served_name, ids))
     want = reference(tiny_models, "em-rank1", ids, direction.unit(LAYER), 1.0)
     assert (want - reference(tiny_models, "em-rank1", ids, direction.unit(LAYER), None)).abs().max() > 0.1
-    assert (served - want).abs().max().item() <= 0.02
+    assert (served - want).abs().max().item() <= 1e-3  # float32: ~1e-5 (test_ablation)
