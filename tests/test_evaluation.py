@@ -287,6 +287,31 @@ def test_cancel_from_another_thread_stops_cleanly_and_resumes(vllm_server, tmp_p
     assert finished.status == "finished" and counts(store, "cancelled") == (60, 60, 120, 120)
 
 
+def test_the_dashboards_stop_interrupts_a_launched_run_which_then_resumes(vllm_server, tmp_path):
+    store_path = tmp_path / "em.duckdb"
+    store = Store(store_path)
+    spec = RunSpec(questions=str(questions_file(tmp_path, harmful=False)), conditions=("base",), samples=20,
+                   judge="base", max_tokens=24, run_id="stopped", max_in_flight=2, batch_size=4,
+                   config_path=config_file(vllm_server), store_path=str(store_path))
+    handle = launch_run(spec, vllm_server.config)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and handle.alive():
+        if store_path.exists() and store.get_run("stopped") is not None \
+                and read_progress(store, "stopped", vllm_server.config).samples_done >= 4:
+            break
+        time.sleep(0.05)
+    assert handle.alive(), "the run finished before it could be stopped: " + Path(handle.log_path).read_text()
+    handle.stop()  # the page's Stop button: SIGINT, as Ctrl-C
+    while handle.alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = Path(handle.log_path).read_text()
+    assert not handle.alive() and "interrupted; resume with: python -m backend eval run --run-id stopped" in log
+    progress = read_progress(store, "stopped", vllm_server.config)
+    assert progress.status == "interrupted" and 4 <= progress.samples_done < progress.samples_total
+    finished = run_eval(spec, config=vllm_server.config, store=store)
+    assert finished.status == "finished" and counts(store, "stopped") == (60, 60, 120, 120)
+
+
 # ---------------------------------------------------------------- clear errors
 
 
