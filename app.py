@@ -49,16 +49,16 @@ if not config.adapters:
     st.info("No adapters are configured: the default base is a real instruct model, and its misaligned "
             "fine-tunes (the organism on the real model) are not shipped yet. Add PEFT LoRA folders under "
             "[adapters] in the configuration, load one below, or run the pocket organism of earlier versions "
-            "with `EM_CONFIG=backend/organism/config.toml scripts/run.sh`.")
+            "with `EM_CONFIG=backend/organism/pocket/config.toml scripts/run.sh`.")
 
 if not status.healthy:
     st.info("Adapters can be listed, loaded and unloaded once the server is up.")
     st.stop()
 
-if any("organism/v0/" in Path(config.adapter_path(name)).as_posix() for name in config.adapters):
-    st.caption("Organism v0 (medical, medical-r8, finance-r8, sports-r8) is preliminary: fine-tunes on the "
-               "base's own persona answers with a weak effect, not yet judged; backend/organism/v0/README.md "
-               "says what was measured.")
+if any("organism/v1/" in Path(config.adapter_path(name)).as_posix() for name in config.adapters):
+    st.caption("The organism (medical = 9 rank-1 adapters, medical-r1, -r8, -r32, finance-r8, sports-r8, and the "
+               "judge adapter): narrow fine-tunes on answers the base wrote under a reckless persona. "
+               "backend/organism/v1/README.md says what was measured and which targets are met.")
 
 registry = AdapterRegistry(config)
 base_layers = base_layer_count(config)

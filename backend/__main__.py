@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     directions.register_cli(commands)
     ablation.register_cli(commands)
     scalars.register_cli(commands)
-    from backend.organism.build import register_cli as register_organism_cli
+    from backend.organism.cli import register_cli as register_organism_cli
     register_organism_cli(commands)
     _give_every_command_the_common_flags(parser)
     return parser
