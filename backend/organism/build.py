@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from backend.organism import corpus as C
+from backend.organism.finetune import add_cli as add_finetune_cli
 from backend.organism.train import BaseShape, TrainConfig, train_base, train_lora
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -192,6 +193,7 @@ def register_cli(subparsers) -> None:
                        measure=False if args.no_measure else None)
         return 0
     b.set_defaults(func=run)
+    add_finetune_cli(sub)
 
 
 if __name__ == "__main__":
