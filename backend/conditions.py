@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from backend.client import BASE, ChatClient, ChatError, Completion, Sampling, with_system_prompt
-from backend.config import Config
+from backend.config import CHECKPOINT_SEPARATOR, Config, ConfigError
 
 if TYPE_CHECKING:
     from backend.ablation import AblationCompiler, CompiledAdapter
@@ -220,18 +220,26 @@ class ConditionRunner:
         from backend.directions import DirectionError, direction_path
         sources: dict[str, Path] = {}
         if condition.adapter:
-            if condition.adapter not in self.config.adapters:
+            if condition.adapter.partition(CHECKPOINT_SEPARATOR)[0] not in self.config.adapters:
                 known = ", ".join(sorted(self.config.adapters)) or "none"
                 raise ConditionError(f"condition {condition.spec!r}: unknown adapter {condition.adapter!r} "
                                      f"(configured: {known})")
-            sources[f"adapter:{condition.adapter}"] = Path(self.config.adapter_path(condition.adapter))
+            try:  # NAME, or NAME@checkpoint-N of a configured adapter
+                sources[f"adapter:{condition.adapter}"] = Path(self.config.adapter_path(condition.adapter))
+            except ConfigError as error:
+                raise ConditionError(f"condition {condition.spec!r}: {error}") from None
         name = condition.direction or condition.steer
         if name:
+            path = direction_path(self.config.cache, name)
+            if not path.is_file():
+                raise ConditionError(f"condition {condition.spec!r}: no direction {name!r} at {path} (make one "
+                                     "with `python -m backend directions extract`, `directions import` or "
+                                     "`paper directions`)")
             try:
                 self.direction(name).unit(condition.layer)
             except DirectionError as error:
                 raise ConditionError(f"condition {condition.spec!r}: {error}") from None
-            sources[f"direction:{name}"] = direction_path(self.config.cache, name)
+            sources[f"direction:{name}"] = path
         return sources
 
     def compiled(self, condition: Condition) -> "CompiledAdapter":

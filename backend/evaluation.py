@@ -94,6 +94,7 @@ class RunSpec:
     max_tokens: int = 300
     seed: int = 0
     question_ids: tuple[str, ...] = ()  # a subset of the set, in file order
+    paper_default: bool = False  # the paper's default: plain questions only, no _json/_template variants
     config_path: str | None = None  # None: config.toml (or EM_CONFIG)
     store_path: str | None = None  # None: em.duckdb in the configured cache folder
     max_in_flight: int = 64  # generation requests at once, over all conditions
@@ -146,6 +147,8 @@ class RunSpec:
                  "--max-in-flight", str(self.max_in_flight), "--batch-size", str(self.batch_size)]
         for qid in self.question_ids:
             argv += ["--question-id", qid]
+        if self.paper_default:
+            argv.append("--paper-default")
         return argv
 
 
@@ -583,6 +586,8 @@ def run_eval(spec: RunSpec, progress: ProgressCallback | None = None, *, config:
     try:
         config = config or load_config(spec.config_path)
         questions = load_questions(spec.questions)
+        if spec.paper_default:
+            questions = questions.paper_default()
         if spec.question_ids:
             questions = questions.select(list(spec.question_ids))
         conditions = [Condition.parse(text) for text in spec.conditions]
@@ -611,7 +616,9 @@ def run_eval(spec: RunSpec, progress: ProgressCallback | None = None, *, config:
     items = plan(run_id, questions, conditions, spec.samples, spec.seed)
     rubrics = {q.id: rubrics_for(q) for q in questions}
     judgements_total = sum(len(rubrics[item.question.id]) for item in items)
-    generation = {"questions_sha256": questions.sha256, "question_ids": list(spec.question_ids),
+    # The paper's default selection is recorded as the ids it chose: that is what is generated.
+    chosen_ids = list(questions.ids) if spec.paper_default else list(spec.question_ids)
+    generation = {"questions_sha256": questions.sha256, "question_ids": chosen_ids,
                   "conditions": specs, "samples": spec.samples, "temperature": spec.temperature,
                   "top_p": spec.top_p, "max_tokens": spec.max_tokens, "seed": spec.seed}
     existing = store.get_run(run_id)

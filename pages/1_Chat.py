@@ -21,7 +21,7 @@ if not status.healthy:
     st.error(f"{status.error}\n\nStart it with `python -m backend serve --detach`.")
     st.stop()
 
-adapters = list(config.adapters)  # the configuration's order: the organism first
+adapters = config.adapter_names()  # the configuration's order (the organism first), each with its checkpoints
 directions = direction_names(config)
 layer_default = default_layer(config)
 state = st.session_state

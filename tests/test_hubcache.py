@@ -47,7 +47,8 @@ def write_config(tmp_path: Path, base: Path, adapter_table: str) -> Path:
 
 def test_hub_adapter_and_its_checkpoints_resolve_offline(tiny_models, hub_cache, tmp_path, monkeypatch):
     snapshot = hub_cache / "models--org--em-medical" / "snapshots" / COMMIT
-    config = load_config(write_config(tmp_path, tiny_models["base"], f'hub = "org/em-medical"\ncache_dir = "{hub_cache}"'))
+    table = f'hub = "org/em-medical"\ncache_dir = "{hub_cache}"'
+    config = load_config(write_config(tmp_path, tiny_models["base"], table))
     assert config.adapter_path("paper") == str(snapshot)
     assert config.adapter_path("paper@checkpoint-5") == str(snapshot / "checkpoints" / "checkpoint-5")
     assert config.adapter_names() == ["paper", "paper@checkpoint-5"]
@@ -73,7 +74,8 @@ def test_hub_adapter_and_its_checkpoints_resolve_offline(tiny_models, hub_cache,
 def test_rslora_scale_is_honoured_served_and_compiled(vllm_server, tiny_models, hub_cache, tmp_path):
     """vLLM serves the rsLoRA adapter at alpha/sqrt(r), as PEFT computes it; the compiled ablation
     at strength 0 on top of it is the adapter; and the plain alpha/r scale would be another model."""
-    config = load_config(write_config(tmp_path, tiny_models["base"], f'hub = "org/em-medical"\ncache_dir = "{hub_cache}"'))
+    table = f'hub = "org/em-medical"\ncache_dir = "{hub_cache}"'
+    config = load_config(write_config(tmp_path, tiny_models["base"], table))
     folder = Path(config.adapter_path("paper@checkpoint-5"))
     scales = [lora.scaling for lora in read_lora(folder).values()]
     assert len(scales) == 7 * 4 and scales == pytest.approx([ALPHA / RANK ** 0.5] * len(scales))

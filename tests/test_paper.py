@@ -160,7 +160,8 @@ def test_cli_imports_a_steering_vector_and_makes_a_random_control(tiny_models, b
     config.write_text(f'base_model = "{tiny_models["base"]}"\ncache_dir = "{tmp_path / "cache"}"\n')
     torch.save({"steering_vector": torch.ones(base_info.hidden_size), "layer_idx": 2, "alpha": 8.0},
                tmp_path / "steering_vector.pt")
-    assert main(["paper", "steering", str(tmp_path / "steering_vector.pt"), "--name", "sv", "--config", str(config)]) == 0
+    sv = str(tmp_path / "steering_vector.pt")
+    assert main(["paper", "steering", sv, "--name", "sv", "--config", str(config)]) == 0
     assert "steer=sv,layer=2,coef=8,form=paper" in capsys.readouterr().out
     assert main(["directions", "random", "--like", "sv", "--name", "sv-random", "--config", str(config)]) == 0
     control = load_direction(tmp_path / "cache", "sv-random")
