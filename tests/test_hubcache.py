@@ -129,3 +129,26 @@ def test_rslora_scale_in_scalars_and_knockouts(tiny_models, hub_cache, tmp_path)
         assert lora.scaling == pytest.approx(ALPHA / RANK ** 0.5)
         factor = 0.5 if module == "model.layers.1.mlp.down_proj" else 1.0
         assert torch.allclose(lora.B, factor * before[module].B, atol=1e-2 * before[module].B.abs().max().item())
+
+
+def test_landing_page_loads_a_training_checkpoint(monkeypatch, vllm_server, hub_cache, tmp_path):
+    from streamlit.testing.v1 import AppTest
+
+    server_config = (Path(vllm_server.config.root) / "config.toml").read_text()
+    config_path = tmp_path / "config.toml"
+    config_path.write_text(server_config + f'\n[adapters.paper]\nhub = "org/em-medical"\ncache_dir = "{hub_cache}"\n')
+    monkeypatch.setenv("EM_CONFIG", str(config_path))
+    app = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=60).run()
+    assert not app.exception
+    assert app.selectbox(key="checkpoint-paper").options == ["checkpoint-5"]
+    registry = vllm_server.registry
+    try:
+        app.button(key="load-checkpoint-paper").click().run()
+        assert not app.exception and not app.error
+        served = registry.served()
+        assert served.get("paper@checkpoint-5") == str(hub_cache / "models--org--em-medical" / "snapshots" / COMMIT
+                                                       / "checkpoints" / "checkpoint-5")
+        assert any(m.value.startswith("**paper@checkpoint-5**  ·  loaded") for m in app.markdown)
+    finally:
+        if "paper@checkpoint-5" in registry.served():
+            registry.unload("paper@checkpoint-5")
