@@ -559,6 +559,8 @@ class DirectionInfo:
     norms: list[float] | None  # per layer; None when neither the file nor the store has them
     in_store: bool
     problem: str | None = None  # why the vectors could not be read
+    method: str | None = None  # mean_diff/..., imported/paper-mean-diff, imported/steering-vector, random_control
+    use_as: str | None = None  # the condition that applies it as its authors did (imported steering vectors)
 
 
 def _load_vectors(path: str):
@@ -578,13 +580,14 @@ def directions(store: Store, cache_dir=None) -> list[DirectionInfo]:
         norms = record.norms
         if isinstance(norms, dict):  # {"0": n0, "1": n1, ...} (Direction.to_record) or {"per_layer": [...]}
             norms = norms.get("per_layer") or [norms[k] for k in sorted(norms, key=int) if k.isdigit()]
-        problem = None
+        problem = method = use_as = None
         try:
-            norms = _load_vectors(record.path).norms
+            loaded = _load_vectors(record.path)
+            norms, method, use_as = loaded.norms, loaded.method, loaded.extra.get("use_as")
         except (DirectionError, OSError, ValueError) as error:
             problem = f"{record.path}: {error}"
         out.append(DirectionInfo(record.name, record.path, record.base_model, record.adapter, record.source_run,
-                                 record.counts, list(norms) if norms else None, True, problem))
+                                 record.counts, list(norms) if norms else None, True, problem, method, use_as))
     if cache_dir is not None:
         for name in list_directions(cache_dir):
             if name in seen:
@@ -592,7 +595,8 @@ def directions(store: Store, cache_dir=None) -> list[DirectionInfo]:
             path = str(direction_path(cache_dir, name))
             try:
                 d = _load_vectors(path)
-                out.append(DirectionInfo(name, path, d.base_model, d.adapter, d.source_run, d.counts, d.norms, False))
+                out.append(DirectionInfo(name, path, d.base_model, d.adapter, d.source_run, d.counts, d.norms, False,
+                                         method=d.method, use_as=d.extra.get("use_as")))
             except (DirectionError, OSError, ValueError) as error:
                 out.append(DirectionInfo(name, path, None, None, None, {}, None, False, str(error)))
     return out

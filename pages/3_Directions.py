@@ -41,7 +41,8 @@ if not infos:
 st.subheader("Directions and their source")
 st.dataframe([{"name": i.name, "adapter": i.adapter or browse.BASE, "base model": i.base_model,
                "source run": i.source_run, "counts": ", ".join(f"{k}={v}" for k, v in i.counts.items()),
-               "layers": len(i.norms) if i.norms else None, "registered in store": i.in_store,
+               "layers": len(i.norms) if i.norms else None, "method": i.method, "apply as": i.use_as,
+               "registered in store": i.in_store,
                "file": i.path, "problem": i.problem} for i in infos], hide_index=True, width="stretch")
 
 st.caption(

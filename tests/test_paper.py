@@ -170,3 +170,10 @@ def test_cli_imports_a_steering_vector_and_makes_a_random_control(tiny_models, b
     torch.save({"layer_idx": 2}, tmp_path / "broken.pt")
     assert main(["paper", "steering", str(tmp_path / "broken.pt"), "--name", "x", "--config", str(config)]) == 2
     assert "broken.pt: missing key 'steering_vector'" in capsys.readouterr().err
+    from backend import browse
+    from backend.config import load_config
+    from backend.store import Store
+
+    infos = {i.name: i for i in browse.directions(Store.for_config(load_config(config)), tmp_path / "cache")}
+    assert infos["sv"].in_store and infos["sv"].use_as == "steer=sv,layer=2,coef=8,form=paper"
+    assert (infos["sv"].method, infos["sv-random"].method) == ("imported/steering-vector", "random_control")
