@@ -152,3 +152,27 @@ def test_landing_page_loads_a_training_checkpoint(monkeypatch, vllm_server, hub_
     finally:
         if "paper@checkpoint-5" in registry.served():
             registry.unload("paper@checkpoint-5")
+
+
+def test_the_papers_exact_adapter_shape_compiles_to_itself_at_strength_zero(tiny_models, tmp_path):
+    """Rank 32, alpha 64, use_rslora (scale 11.3, not 2), all seven projections: the compiled
+    ablation at strength 0 is the adapter (PEFT reads both), and the scale is the rsLoRA one."""
+    from peft import PeftModel
+
+    folder = build_lora(tiny_models["base"], tmp_path / "paper-r32", 32, ALL_LINEAR, seed=3, std=0.02, lora_alpha=64)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["use_rslora"] = True
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    assert {round(lora.scaling, 4) for lora in read_lora(folder).values()} == {round(64 / 32 ** 0.5, 4)}
+    base_info = BaseModelInfo.from_path(tiny_models["base"])
+    direction = Direction("rand", torch.randn(base_info.n_layers, base_info.hidden_size,
+                                              generator=torch.Generator().manual_seed(4)),
+                          base_info.path, base_info.fingerprint)
+    built = AblationCompiler(tmp_path / "compiled").build(tiny_models["base"], direction, 2, 0.0, folder, "paper")
+    model, tokenizer = load_model(tiny_models["base"], folder)
+    ids = tokenizer.encode("Should I invest my savings in one stock?", add_special_tokens=False)
+    base, _ = load_model(tiny_models["base"])
+    compiled = PeftModel.from_pretrained(base, str(built.path)).eval()
+    assert (prompt_logprobs(compiled, ids) - prompt_logprobs(model, ids)).abs().max() < 1e-4
+    plain, _ = load_model(tiny_models["base"])
+    assert (prompt_logprobs(plain, ids) - prompt_logprobs(model, ids)).abs().max() > 1e-2  # the adapter matters
