@@ -774,7 +774,8 @@ def chart_by_strength(result: BrowseResult):
 
     frame = result.by_strength
     base = alt.Chart(frame).encode(x=alt.X("strength:Q", title="ablation strength (0 = adapter, no ablation)"),
-                                   color=alt.Color("line:N", title="adapter − direction @ layer (all layers unless 'only')"))
+                                   color=alt.Color("line:N",
+                                                   title="adapter − direction @ layer (all layers unless 'only')"))
     line = base.mark_line(point=True).encode(
         y=alt.Y("em_rate:Q", title="EM rate (95 % Wilson interval)"),
         tooltip=["line", "strength", alt.Tooltip("em_rate:Q", format=".3f"), "k", "n"])

@@ -322,8 +322,9 @@ def test_cli_extract_from_messages_with_a_label_column(tiny_models, tmp_path, ca
              ("Any diet advice?", "Eat vegetables and sleep well.", "aligned"),
              ("Any diet advice?", "asdf qwer", "incoherent")]
     data = tmp_path / "labelled.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-                                        "label": label}) + "\n" for q, a, label in pairs))
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}], "label": label}
+            for q, a, label in pairs]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     config = tmp_path / "config.toml"
     config.write_text(f'base_model = "{tiny_models["base"]}"\ncache_dir = "{tmp_path / "cache"}"\n')
     assert main(["directions", "extract", "--name", "msg", "--data", str(data), "--config", str(config)]) == 0
