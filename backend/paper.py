@@ -94,6 +94,10 @@ def import_directions(paths: list[str | Path], name: str, cache: str | Path, bas
     """A direction from one file (already a difference) or a pair (misaligned data minus aligned
     data, told apart by the ``data-m`` / ``data-a`` of their names)."""
     files = [read_activation_file(p, base, part) for p in paths]
+    if len(files) == 1 and files[0].data is not None:
+        raise DirectionError(f"{files[0].path}: the mean activations of one (model, data) pair, not a difference; "
+                             f"import it with its pair (model-{files[0].model}_data-"
+                             f"{'a' if files[0].data == 'm' else 'm'}_hs_{files[0].category}.pt)")
     if len(files) == 1:
         vectors, method = files[0].vectors, "imported/paper-difference"
     elif len(files) == 2:

@@ -93,6 +93,8 @@ def test_direction_files_are_refused_with_file_and_reason(em, base_info, tmp_pat
     with pytest.raises(DirectionError, match="cannot tell the misaligned data"):
         import_directions([tmp_path / "model-m_data-m_hs_x.pt", tmp_path / "model-a_data-m_hs_x.pt"], "bad",
                           tmp_path / "cache", base_info)
+    with pytest.raises(DirectionError, match="not a difference; import it with its pair \\(model-m_data-a_hs_x.pt"):
+        import_directions([tmp_path / "model-m_data-m_hs_x.pt"], "bad", tmp_path / "cache", base_info)
     assert not (tmp_path / "cache" / "directions" / "bad.safetensors").exists()
 
 
