@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 
 
 class HubCacheError(ValueError):
