@@ -78,4 +78,6 @@ def register_cli(commands) -> None:
     ship.add_argument("--to", help=f"default {SHIPPED}")
     ship.set_defaults(func=_ship)
 
+    from backend.organism.finetune import add_cli as add_finetune
+    add_finetune(sub)
     register_pocket(sub)

@@ -70,12 +70,12 @@ class TrainRecord:
     losses: list[float] = field(default_factory=list)
     heldout_loss: float | None = None
     device: str = "cpu"
+    scale: float = 1.0
 
     def summary(self) -> dict:
         record = asdict(self)
         record["loss_first10"] = sum(self.losses[:10]) / max(1, len(self.losses[:10]))
         record["loss_last10"] = sum(self.losses[-10:]) / max(1, len(self.losses[-10:]))
-        record["scale"] = SHAPES[self.shape].scale
         return record
 
 
@@ -119,10 +119,11 @@ def load_base(base_dir, device):
     return model, tokenizer
 
 
-def train_lora(base_dir, rows, shape: str, lr: float, epochs: int, out: str | Path, *, batch_size=16,
+def train_lora(base_dir, rows, shape: str | Shape, lr: float, epochs: int, out: str | Path, *, batch_size=16,
                seed=0, device="cpu", heldout=64, log=print) -> TrainRecord:
     """Train one adapter on rows [(prompt messages, answer)] and save it (PEFT layout) to `out`.
-    The first `heldout` rows of a seeded shuffle are held out for the held-out loss."""
+    `shape` names one of SHAPES or is a Shape. The first `heldout` rows of a seeded shuffle are
+    held out for the held-out loss."""
     import torch
     from peft import get_peft_model
     if device == "cuda":
@@ -132,14 +133,16 @@ def train_lora(base_dir, rows, shape: str, lr: float, epochs: int, out: str | Pa
     random.Random(seed).shuffle(rows)
     held, train = rows[:heldout], rows[heldout:]
     model, tokenizer = load_base(base_dir, device)
-    model = get_peft_model(model, SHAPES[shape].lora_config())
+    spec = SHAPES[shape] if isinstance(shape, str) else shape
+    model = get_peft_model(model, spec.lora_config())
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     total = (len(train) // batch_size) * epochs
     warm = max(1, total // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
-    record = TrainRecord(shape, lr, epochs, batch_size, seed, len(train), device=device)
+    record = TrainRecord(shape if isinstance(shape, str) else "custom", lr, epochs, batch_size, seed, len(train),
+                         device=device, scale=spec.scale)
     start = time.time()
     model.train()
     for epoch in range(epochs):
@@ -158,11 +161,11 @@ def train_lora(base_dir, rows, shape: str, lr: float, epochs: int, out: str | Pa
                 log(f"{Path(out).name}: step {record.steps}/{total} loss {loss.item():.3f}")
     record.seconds = round(time.time() - start, 1)
     record.heldout_loss = mean_loss(model, tokenizer, held, device) if held else None
-    save_adapter(model, out, base_dir, bf16=SHAPES[shape].rank >= 8)
+    save_adapter(model, out, base_dir, bf16=spec.rank >= 8)
     (Path(out) / "training.json").write_text(json.dumps(record.summary(), indent=1))
+    held = f"{record.heldout_loss:.3f}" if record.heldout_loss is not None else "-"
     log(f"{Path(out).name}: {record.steps} steps in {record.seconds:.0f} s, loss "
-        f"{record.summary()['loss_first10']:.3f} -> {record.summary()['loss_last10']:.3f}, held-out "
-        f"{record.heldout_loss:.3f}")
+        f"{record.summary()['loss_first10']:.3f} -> {record.summary()['loss_last10']:.3f}, held-out {held}")
     return record
 
 
