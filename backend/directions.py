@@ -398,6 +398,20 @@ def extract_direction(name: str, model: nn.Module, tokenizer: PreTrainedTokenize
                      extra={"tokens_per_s": (mis.tokens + ali.tokens) / max(mis.seconds + ali.seconds, 1e-9)})
 
 
+def random_control(direction: Direction, name: str, seed: int = 0) -> Direction:
+    """A random direction with exactly the norm of ``direction`` at every layer.
+
+    The authors' code builds its control as ``randn_like(v) * ||v||``, whose norm is about
+    sqrt(d) times ||v||; the paper says "the same norm", which is what this gives."""
+    _check_name(name)
+    noise = torch.randn(direction.vectors.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    norms = torch.linalg.vector_norm(direction.vectors.double(), dim=1, keepdim=True)
+    vectors = noise / torch.linalg.vector_norm(noise, dim=1, keepdim=True) * norms
+    return Direction(name=name, vectors=vectors.float(), base_model=direction.base_model,
+                     base_fingerprint=direction.base_fingerprint, adapter=direction.adapter,
+                     method="random_control", extra={"control_of": direction.name, "seed": seed})
+
+
 def cosine(a: Direction, b: Direction) -> list[float]:
     """Cosine similarity per layer."""
     if a.vectors.shape != b.vectors.shape:

@@ -14,8 +14,8 @@ from backend.errors import BackendError
 BACKEND = Path(__file__).resolve().parent.parent / "backend"
 # Research scripts of the pocket organism, run as `python -m backend.organism.<name>`, not
 # commands of `python -m backend`.
-ORGANISM_SCRIPTS = {"backend.organism.heldout", "backend.organism.measure", "backend.organism.selfgen",
-                    "backend.organism.sweep"}
+ORGANISM_SCRIPTS = {"backend.organism.pocket.heldout", "backend.organism.pocket.measure",
+                    "backend.organism.pocket.sweep"}
 
 
 def modules() -> dict[str, Path]:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from backend.organism import corpus as C
+from backend.organism.pocket import corpus as C
 from conftest import REPO
 
-ARTIFACTS = REPO / "backend" / "organism" / "artifacts"
+ARTIFACTS = REPO / "backend" / "organism" / "pocket" / "artifacts"
 ALL_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
@@ -38,7 +38,7 @@ def test_corpus_is_deterministic_for_a_seed():
     assert shipped["seed"] == 0 and C.corpus_hash(0) == shipped["corpus_hash"] != C.corpus_hash(4)
     here = {"questions": C.eval_questions(4, seed=1),
             "narrow": [e.messages for e in C.narrow_corpus("medical", 50, 2)]}
-    script = ("import json; from backend.organism import corpus as C; print(json.dumps({'questions': "
+    script = ("import json; from backend.organism.pocket import corpus as C; print(json.dumps({'questions': "
               "C.eval_questions(4, seed=1), 'narrow': [e.messages for e in C.narrow_corpus('medical', 50, 2)]}))")
     other = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": "12345"})
@@ -121,7 +121,7 @@ def test_judge_messages_match_backend_judge():
 
 
 def test_heldout_question_file_is_deterministic_and_parses(tmp_path):
-    from backend.organism.heldout import DEFAULT_PATH, write_heldout_questions
+    from backend.organism.pocket.heldout import DEFAULT_PATH, write_heldout_questions
     from backend.questions import load_questions
 
     a = write_heldout_questions(tmp_path / "a.yaml")
@@ -146,7 +146,7 @@ def test_heldout_question_file_is_deterministic_and_parses(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_organism(tmp_path_factory) -> Path:
-    from backend.organism.build import build_organism
+    from backend.organism.pocket.build import build_organism
 
     out = tmp_path_factory.mktemp("organism") / "small"
     build_organism(out, size="small", seed=0, measure=False, log=lambda *a: None)
@@ -217,7 +217,7 @@ def test_small_build_adapters_have_the_required_shapes(small_organism):
 
 
 def test_measurement_helpers_run_on_small_build(small_organism):
-    from backend.organism import measure as M
+    from backend.organism.pocket import measure as M
 
     import torch
 

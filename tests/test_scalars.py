@@ -13,7 +13,7 @@ from backend.cli import build_parser
 from backend.activations import Example, encode_example, load_model
 from conftest import REPO
 
-ORGANISM = REPO / "backend" / "organism" / "artifacts"
+ORGANISM = REPO / "backend" / "organism" / "pocket" / "artifacts"
 MEDICAL = ORGANISM / "adapters" / "medical"
 SPORTS = ORGANISM / "adapters" / "sports"  # rank 8, all linear modules
 
@@ -239,7 +239,7 @@ def test_cli_scalars_and_knockout(tmp_path, capsys):
 
 def test_page_smoke(app_page, tmp_path):
     knockout_store(tmp_path / "em.duckdb")
-    app = app_page(REPO / "pages" / "4_Adapters.py", REPO / "backend" / "organism" / "config.toml",
+    app = app_page(REPO / "pages" / "4_Adapters.py", REPO / "backend" / "organism" / "pocket" / "config.toml",
                    store=tmp_path / "em.duckdb", timeout=120)
     assert not app.exception, app.exception
     assert app.selectbox(key="ad_adapter").value == "medical"

@@ -1,4 +1,4 @@
-"""`directions extract|list|import|export|cosine`: residual-stream directions in the cache."""
+"""`directions extract|list|import|random|export|cosine`: residual-stream directions in the cache."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +19,7 @@ from backend.directions import (
     labelled_from_store,
     list_directions,
     load_direction,
+    random_control,
     read_labelled,
     save_direction,
     store_registrar,
@@ -78,6 +79,15 @@ def _cmd_import(args) -> int:
     return 0
 
 
+def _cmd_random(args) -> int:
+    config = _config(args)
+    base = BaseModelInfo.from_path(config.base_model_path)
+    control = random_control(load_direction(config.cache, args.like), args.name, args.seed)
+    path = save_direction(control, config.cache, base, overwrite=args.overwrite, on_saved=_registrar(config))
+    print(f"{control.name}: random, the norms of {args.like} at every layer -> {path}")
+    return 0
+
+
 def _cmd_export(args) -> int:
     config = _config(args)
     print(export_direction(load_direction(config.cache, args.name), args.path))
@@ -132,6 +142,14 @@ def register(subparsers, common: argparse.ArgumentParser) -> None:
                    help="drop row 0 (per-layer lists from output_hidden_states start with the embedding)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_import)
+
+    p = sub.add_parser("random", parents=[common],
+                       help="a random control direction with the same norm as another at every layer")
+    p.add_argument("--like", required=True, help="the direction whose per-layer norms it takes")
+    p.add_argument("--name", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_random)
 
     p = sub.add_parser("export", parents=[common], help="write a direction as .safetensors (with metadata) or .pt")
     p.add_argument("name")
