@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from backend.adapters import check_compatible, read_adapter_files
+from backend.lora_files import check_compatible, read_adapter_files
 from backend.architecture import BaseShape
 from backend.organism.data import DatasetError, read_messages
 from backend.organism.finetune import finetune

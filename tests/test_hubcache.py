@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from backend.ablation import AblationCompiler, read_lora
+from backend.ablation import AblationCompiler
 from backend.activations import load_model
 from backend.config import ConfigError, load_config
 from backend.directions import BaseModelInfo, Direction
+from backend.lora_files import read_lora
 from backend.reference import prompt_logprobs
 from backend.testmodels import ALL_LINEAR, build_lora
 
@@ -112,7 +113,8 @@ def test_rslora_scale_is_honoured_served_and_compiled(vllm_server, tiny_models, 
 def test_rslora_scale_in_scalars_and_knockouts(tiny_models, hub_cache, tmp_path):
     """Scalars report the rsLoRA scale, and a knock-out keeps it: only B changes."""
     from backend.activations import Example
-    from backend.scalars import compile_knockout, compute_scalars
+    from backend.knockouts import compile_knockout
+    from backend.scalars import compute_scalars
 
     table = f'hub = "org/em-medical"\ncache_dir = "{hub_cache}"'
     folder = Path(load_config(write_config(tmp_path, tiny_models["base"], table)).adapter_path("paper"))
