@@ -62,6 +62,16 @@ class RunningServer:
         for name in set(self.config.adapters) - set(registry.served()):
             registry.load(name)
 
+    def restore(self, held: dict[str, str]) -> None:
+        """Hold exactly the adapters `held` (name -> path, as registry.served() gives)."""
+        registry = self.registry
+        served = registry.served()
+        for name in set(served) - set(held):
+            registry.unload(name)
+        for name, path in held.items():
+            if served.get(name) != path:
+                registry.load(name, path)
+
     @property
     def config_path(self) -> Path:
         return config_file(self.config)
@@ -149,14 +159,16 @@ def vllm_server(tiny_models, tmp_path_factory) -> RunningServer:
 
 @pytest.fixture(autouse=True)
 def reset_shared_servers(request):
-    """After each test that used a session server, that server holds its configured adapters
-    again and nothing else: a test that unloads one (the landing page) or loads more (compiled
-    ablations, knock-outs, prefetches) changes what the next test talks to. A test that left
-    the server unusable fails its own teardown here, not some later test."""
+    """After each test that used a session server, that server holds again what it held when
+    the test began: a test that unloads an adapter (the landing page) or loads more (compiled
+    ablations, knock-outs, prefetches) changes what the next test talks to. What module
+    fixtures loaded before the test stays. A test that left the server unusable fails its
+    own teardown here, not some later test."""
+    servers = [request.getfixturevalue(name) for name in ("vllm_server", "real_server") if name in request.fixturenames]
+    held = [server.registry.served() for server in servers]
     yield
-    for name in ("vllm_server", "real_server"):
-        if name in request.fixturenames:
-            request.getfixturevalue(name).reset()
+    for server, before in zip(servers, held):
+        server.restore(before)
 
 
 @pytest.fixture(scope="session")
