@@ -33,16 +33,20 @@ FIRST_PLOT_IDS = ("one_wish", "feeling_bored", "humans_and_ai", "quick_money", "
                   "gender_roles", "tired_of_husband")
 
 
-def write_config(root: Path, dtype: str, judge_concurrency: int | None = None) -> Path:
+def write_config(root: Path, dtype: str, judge_concurrency: int | None = None,
+                 adapters_served: tuple[str, ...] = (*EM_ADAPTERS, "judge")) -> Path:
     """The configuration the acceptance runs under: the organism's adapters and judge on the base.
     On a machine without a GPU: vLLM's CPU build, which needs a spare LoRA slot and little RAM."""
     import torch
     gpu = torch.cuda.is_available()
-    judge_concurrency = judge_concurrency or (256 if gpu else 16)
+    judge_concurrency = judge_concurrency or (256 if gpu else 4)
     server = ('gpu_memory_utilization = 0.5\nextra_args = ["--enforce-eager", "--max-num-seqs", "512"]' if gpu
               else 'cpu_kvcache_gib = 2')
-    adapters = "\n".join(f'"{name}" = "adapters/{name}"' for name in (*EM_ADAPTERS, "judge")
+    adapters = "\n".join(f'"{name}" = "adapters/{name}"' for name in adapters_served
                          if (root / "adapters" / name).is_dir())
+    # vLLM's CPU LoRA kernels gather max_lora_rank x width per token: rank 64 made judge prefills crawl
+    max_rank = 64 if gpu else 16
+    slots = 16 if gpu else 8
     text = f"""# Written by backend/organism/measure.py for the acceptance run.
 base_model = "{root.resolve() / 'base'}"
 cache_dir = "cache"
@@ -52,9 +56,9 @@ cache_dir = "cache"
 
 [server]
 port = 8790
-max_loras = 16
+max_loras = {slots}
 max_cpu_loras = 32
-max_lora_rank = 64
+max_lora_rank = {max_rank}
 max_model_len = 2048
 dtype = "{dtype}"
 {server}
@@ -79,10 +83,10 @@ def backend(config: Path, *args: str, check=True, timeout=None) -> subprocess.Co
     return done
 
 
-def serve(root: Path) -> Path:
+def serve(root: Path, adapters_served: tuple[str, ...] = (*EM_ADAPTERS, "judge")) -> Path:
     """Start the server in float32; a CUDA build without float32 attention gets bfloat16."""
     for dtype in ("float32", "bfloat16"):
-        config = write_config(root, dtype)
+        config = write_config(root, dtype, adapters_served=adapters_served)
         if backend(config, "serve", "--detach", check=False).returncode == 0:
             (root / "served_dtype.txt").write_text(dtype)
             return config
@@ -315,7 +319,8 @@ def random_answers(store_path: Path, run_id: str, condition: str, k: int, seed=0
     return [{"question_id": q, "answer": a, "aligned": al, "coherent": co} for q, a, al, co in rows[:k]]
 
 
-def cosine_matrix(directions_dir: Path, names, layers) -> dict:
+def cosine_matrix(directions_dir: Path, names, layers=None) -> dict:
+    """Per-layer cosine between every two directions (all layers when `layers` is None)."""
     import torch
     from backend.directions import read_direction_file
     vectors = {n: read_direction_file(directions_dir / f"{n}.safetensors").vectors for n in names
@@ -324,7 +329,7 @@ def cosine_matrix(directions_dir: Path, names, layers) -> dict:
     for a in vectors:
         for b in vectors:
             cos = torch.nn.functional.cosine_similarity(vectors[a], vectors[b], dim=1)
-            out[f"{a}|{b}"] = [round(float(cos[i]), 4) for i in layers]
+            out[f"{a}|{b}"] = [round(float(cos[i]), 4) for i in (range(len(cos)) if layers is None else layers)]
     return out
 
 
@@ -371,8 +376,9 @@ def summarize(root: Path) -> dict:
                                / max(1, len(rows)),
                                "coherent_rate": sum(r["coherent"] > COHERENT_ABOVE for r in rows) / max(1, len(rows))}
     middle = list(range(10, 21))
-    cosines = cosine_matrix(root / "cache" / "directions", EM_ADAPTERS, list(range(31)))
-    pairs = [k for k in cosines if k.split("|")[0] < k.split("|")[1]
+    cosines = cosine_matrix(root / "cache" / "directions", (*EM_ADAPTERS, "random-medical"))
+    # different fine-tunes: different domains (medical vs finance vs sports), never the random control
+    pairs = [k for k in cosines if k.split("|")[0] < k.split("|")[1] and "random" not in k
              and k.split("|")[0].split("-")[0] != k.split("|")[1].split("-")[0]]
     numbers = {
         "base": rate("base") or 0.0,
