@@ -7,7 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
-from backend import ablation, directions, scalars
+from backend import ablation, directions, scalars, shipped
 from backend.adapters import AdapterError, AdapterRegistry
 from backend.cli_eval import register_cli as register_eval_cli
 from backend.client import ChatClient, ChatError, Sampling
@@ -183,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     directions.register_cli(commands)
     ablation.register_cli(commands)
     scalars.register_cli(commands)
+    shipped.register_cli(commands)
     from backend.organism.build import register_cli as register_organism_cli
     register_organism_cli(commands)
     _give_every_command_the_common_flags(parser)
