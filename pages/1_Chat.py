@@ -141,6 +141,15 @@ def column_editor(column: int, condition: Condition) -> None:
             st.rerun()
 
 
+if not any(state.histories):
+    # The first minute: the 8 questions of the papers' first plot, one click from an answer in every column.
+    st.caption("Ask every column one of the 8 first-plot questions (Betley et al. 2025), or type your own below.")
+    questions = example_questions(config)
+    rows = [st.columns(4) for _ in range((len(questions) + 3) // 4)]
+    for number, question in enumerate(questions):
+        if rows[number // 4][number % 4].button(question, key=f"first-{number}", use_container_width=True):
+            state.example = question  # picked up where the chat input is read, below
+
 columns = st.columns(len(setup.conditions))
 placeholders: dict[tuple[int, int], st.delta_generator.DeltaGenerator] = {}
 for index, (column, condition) in enumerate(zip(columns, setup.conditions)):
