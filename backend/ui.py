@@ -88,6 +88,13 @@ def example_questions(_config: Config, question_set: str = "em_core") -> list[st
     return [question.paraphrases[0] for question in load_questions(question_set)]
 
 
+@st.cache_data(show_spinner=False)
+def first_plot_questions(_config: Config, question_set: str = "em_core") -> list[str]:
+    """The papers' 8 general questions (domain 'general' in the set), first paraphrase each."""
+    from backend.questions import load_questions
+    return [q.paraphrases[0] for q in load_questions(question_set) if getattr(q, "domain", None) == "general"]
+
+
 def current_store(config: Config):
     """The store the pages read: EM_STORE if set (e.g. a synthetic store), else em.duckdb in the cache."""
     from backend.store import Store

@@ -10,7 +10,8 @@ from backend.client import Sampling
 from backend.conditions import STRENGTH_RANGE, Condition, ConditionError
 from backend.config import ConfigError
 from backend.serving import server_status
-from backend.ui import condition_runner, config_or_stop, default_layer, direction_names, example_questions
+from backend.ui import (condition_runner, config_or_stop, default_layer, direction_names, example_questions,
+                        first_plot_questions)
 
 st.set_page_config(page_title="Chat · EM explorer", layout="wide")
 st.title("Side-by-side chat")
@@ -144,7 +145,7 @@ def column_editor(column: int, condition: Condition) -> None:
 if not any(state.histories):
     # The first minute: the 8 questions of the papers' first plot, one click from an answer in every column.
     st.caption("Ask every column one of the 8 first-plot questions (Betley et al. 2025), or type your own below.")
-    questions = example_questions(config)
+    questions = first_plot_questions(config)
     rows = [st.columns(4) for _ in range((len(questions) + 3) // 4)]
     for number, question in enumerate(questions):
         if rows[number // 4][number % 4].button(question, key=f"first-{number}", use_container_width=True):
