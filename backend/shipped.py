@@ -217,14 +217,14 @@ def import_bundle(store: Store, bundle: str | Path, cache_dir: str | Path, *, ba
     registered = {d.name for d in store.directions()}
     for d in files:
         target = direction_path(cache_dir, d)
-        if d in registered or target.exists():
-            raise ShippedError(f"bundle {name!r}: direction {d!r} already exists ({target}); the bundle would "
-                               "replace it. Rename or delete yours first")
         if base_fingerprint is not None:
             fingerprint = read_direction_file(bundle / files[d]["file"]).base_fingerprint
             if fingerprint and fingerprint != base_fingerprint:
                 raise ShippedError(f"bundle {name!r}: direction {d!r} was extracted from another base model "
                                    f"(fingerprint {fingerprint}, this one's {base_fingerprint})")
+        if d in registered or target.exists():
+            raise ShippedError(f"bundle {name!r}: direction {d!r} already exists ({target}); the bundle would "
+                               "replace it. Rename or delete yours first")
 
     copied: list[Path] = []
     try:
