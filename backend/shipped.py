@@ -292,8 +292,8 @@ class ShippedStatus:
     def describe(self) -> str:
         if self.present:
             bundle = (self.marker or {}).get("bundle", "?")
-            return (f"shipped data (bundle {bundle!r}): {len(self.runs)} runs, {self.samples:,} samples, "
-                    f"{self.judgements:,} judgements, {len(self.directions)} directions")
+            return (f"shipped data (bundle {bundle!r}): {_count(len(self.runs), 'run')}, {_count(self.samples, 'sample')}"
+                    f", {_count(self.judgements, 'judgement')}, {_count(len(self.directions), 'direction')}")
         if self.marker and self.marker.get("state") == "removed":
             return f"shipped data removed on {str(self.marker.get('at'))[:19]}"
         return "no shipped data in this store"
@@ -309,6 +309,10 @@ def shipped_status(store: Store) -> ShippedStatus:
                        {"s": SHIPPED_STATUS}).rows[0]
     directions = [d.name for d in store.directions() if isinstance(d.extra, dict) and d.extra.get("shipped")]
     return ShippedStatus(runs, int(counts[0]), int(counts[1]), directions, marker)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def remove_shipped(store: Store) -> ShippedStatus:
@@ -371,8 +375,9 @@ def _cmd(args) -> int:
                 print(status.describe())
         elif args.action == "remove":
             gone = remove_shipped(store)
-            print(f"removed {len(gone.runs)} shipped runs ({gone.samples:,} samples, {gone.judgements:,} judgements) "
-                  f"and {len(gone.directions)} directions from {store.path}")
+            print(f"removed {_count(len(gone.runs), 'shipped run')} ({_count(gone.samples, 'sample')}, "
+                  f"{_count(gone.judgements, 'judgement')}) and {_count(len(gone.directions), 'direction')} "
+                  f"from {store.path}")
     except (ShippedError, StoreError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

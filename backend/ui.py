@@ -10,14 +10,14 @@ from backend.config import Config, load_config
 
 
 class PageEntry(NamedTuple):
-    path: str  # relative to the repository root, as st.Page and st.page_link name it
+    path: str  # relative to the repository root, as st.page_link names it
     title: str
     icon: str  # a Material Symbol: Streamlit ships that font, a browser without emoji fonts still draws it
     purpose: str  # the one line Home shows under the link
 
 
 PAGES = (
-    PageEntry("pages/0_Home.py", "Home", ":material/home:", "server status, base model and adapters; shipped data"),
+    PageEntry("Home.py", "Home", ":material/home:", "server status, base model and adapters; shipped data"),
     PageEntry("pages/1_Chat.py", "Chat", ":material/chat:",
               "base, organism and organism with its direction ablated, side by side; the 8 first-plot questions"),
     PageEntry("pages/2_Evaluations.py", "Evaluations", ":material/bar_chart:", "judged runs: EM rates, scores and every answer"),

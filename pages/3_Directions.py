@@ -113,6 +113,6 @@ link = browse.chat_link(None if adapter == browse.BASE else adapter, direction, 
 try:
     st.page_link("pages/1_Chat.py", label=f"Open the chat: {' | '.join(query['col'])}", icon="💬",
                  query_params=query)
-except StreamlitAPIException:  # this page run on its own (not through app.py): the plain link still works
+except StreamlitAPIException:  # this page run on its own (not through Home.py): the plain link still works
     st.link_button(f"Open the chat: {' | '.join(query['col'])}", link)
 st.code(link, language=None)

@@ -23,4 +23,4 @@ done
 .venv/bin/python -m backend shipped import --first-run
 .venv/bin/python -m backend serve --detach
 # No file watcher: the cache under the repository changes all the time (Inotify queue overflows).
-exec .venv/bin/streamlit run app.py --server.headless true --server.fileWatcherType none "$@"
+exec .venv/bin/streamlit run Home.py --server.headless true --server.fileWatcherType none "$@"

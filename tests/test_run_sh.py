@@ -162,7 +162,7 @@ def test_the_api_key_is_required_and_every_client_sends_it(launched, tmp_path, m
     assert refused.returncode == 1 and f"{KEY_ENV} (server.api_key_env) is not set" in refused.stdout
 
     monkeypatch.setenv("EM_CONFIG", str(Path(config.root) / "config.toml"))
-    app = AppTest.from_file(str(REPO / "app.py"), default_timeout=60).run()
+    app = AppTest.from_file(str(REPO / "Home.py"), default_timeout=60).run()
     assert not app.exception
     assert any("vLLM is serving" in s.value for s in app.success)
     assert any(KEY_ENV in c.value for c in app.caption)

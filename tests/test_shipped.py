@@ -68,7 +68,7 @@ def test_export_then_import_gives_the_same_rows_and_numbers(bundle, tmp_path):
     cosines, skipped = browse.cosine_matrix(infos, 2)
     assert not skipped and len(cosines) == 9
     assert not browse.transfer_matrix(store, runs=("run-0",)).empty
-    assert shipped.shipped_status(store).describe().startswith("shipped data (bundle 'bundle'): 1 runs, 1,040 samples")
+    assert shipped.shipped_status(store).describe().startswith("shipped data (bundle 'bundle'): 1 run, 1,040 samples")
 
 
 def test_import_is_idempotent_and_refuses_a_clash_whole(bundle, tmp_path):
@@ -146,11 +146,11 @@ def test_command_line_export_import_status_remove(bundle, tmp_path):
     store = tmp_path / "em.duckdb"
     done = cli("import", str(out), "--store", str(store), "--any-base")
     assert done.returncode == 0 and "imported bundle 'exported'" in done.stdout, done.stderr
-    assert "1 runs, 960 samples, 1,920 judgements, 3 directions" in cli("status", "--store", str(store)).stdout
+    assert "1 run, 960 samples, 1,920 judgements, 3 directions" in cli("status", "--store", str(store)).stdout
     # The checkout's base model is not the synthetic one: its directions are refused with the reason.
     other = cli("import", str(out), "--store", str(tmp_path / "b.duckdb"))
     assert other.returncode == 2 and "extracted from another base model" in other.stderr
-    assert "removed 1 shipped runs (960 samples" in cli("remove", "--store", str(store)).stdout
+    assert "removed 1 shipped run (960 samples" in cli("remove", "--store", str(store)).stdout
     assert cli("import", str(out), "--store", str(store), "--first-run").stdout.startswith(
         "shipped data: shipped data was removed")
     no_bundle = cli("import", str(tmp_path / "none"), "--store", str(tmp_path / "c.duckdb"), "--first-run")
@@ -182,9 +182,9 @@ def test_pages_mark_shipped_data_and_home_removes_it(bundle, tmp_path, monkeypat
     specs = " ".join(c.proto.spec for c in app.get("vega_lite_chart"))
     assert "cosine" in specs.lower() and "transfer" in specs.lower()
 
-    app = AppTest.from_file(str(REPO / "app.py"), default_timeout=60).run()
+    app = AppTest.from_file(str(REPO / "Home.py"), default_timeout=60).run()
     assert not app.exception
-    assert any("1 runs, 1,040 samples" in i.value for i in app.info)
+    assert any("1 run, 1,040 samples" in i.value for i in app.info)
     app.button(key="remove-shipped").click().run()
     assert shipped.shipped_status(store).runs == [] and not app.exception
     assert any("shipped data removed on" in c.value for c in app.caption)

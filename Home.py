@@ -1,4 +1,8 @@
-"""Home: is the server up, what does it serve, the pages, shipped data, adapters."""
+"""Home: is the server up, what does it serve, the pages, shipped data, adapters.
+
+The main script, so its file name is the sidebar's first entry. Not an st.navigation router:
+with a pages/ directory next to the main script, Streamlit 1.67 runs the first page load of a
+process through that directory anyway, and the sidebar showed "app" above the router's pages."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,13 +28,13 @@ left, right = st.columns([2, 1])
 with left:
     st.subheader("Server")
     if status.healthy:
-        st.success(f"vLLM is serving at {status.url}/v1", icon="✅")
+        st.success(f"vLLM is serving at {status.url}/v1", icon=":material/check_circle:")
         st.text(f"Base model: {status.base_model}")
         if config.server.api_key_env:
             st.caption(f"API key required (from ${config.server.api_key_env}); every client here sends it.")
     else:
         st.error(f"{status.error}\n\nStart it with `python -m backend serve --detach` "
-                 "(or `scripts/run.sh`, which does everything).", icon="🛑")
+                 "(or `scripts/run.sh`, which does everything).", icon=":material/error:")
     if not Path(config.base_model_path).exists():
         st.warning(f"The base model {config.base_model_path} is not on disk yet.")
         if st.button("Fetch the default base model (SmolLM2-135M-Instruct, about a minute)"):
@@ -84,7 +88,7 @@ with st.expander("Use your own models"):
                 "`[adapters]` in `config.toml` (or a file named by `EM_CONFIG`), and point `[judge]` at an "
                 "OpenAI-compatible endpoint. The README's section **Your own models on a GPU host** walks through "
                 "Qwen2.5-14B-Instruct with the paper's adapters and a GPT-4o judge.")
-    st.caption(f"README: {Path(__file__).resolve().parent.parent / 'README.md'}")
+    st.caption(f"README: {Path(__file__).resolve().parent / 'README.md'}")
 
 st.subheader("Adapters")
 if not config.adapters:
