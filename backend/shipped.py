@@ -50,8 +50,13 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _literal(value: str | Path) -> str:
+    """A SQL string literal: COPY and read_parquet take file names that cannot be parameters here."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
 def _sql_list(values: Sequence[str]) -> str:
-    return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
+    return ", ".join(_literal(v) for v in values)
 
 
 def marker_path(store: Store) -> Path:
@@ -116,12 +121,12 @@ def export_bundle(store: Store, out: str | Path, runs: Sequence[str], *, directi
             column = _RUN_COLUMN.get(table, "run_id")
             query = f"SELECT * FROM {table} WHERE {column} IN ({run_list}) ORDER BY ALL"
             path = tmp / f"{table}.parquet"
-            con.execute(f"COPY ({query}) TO '{path}' (FORMAT parquet, COMPRESSION zstd)")
+            con.execute(f"COPY ({query}) TO {_literal(path)} (FORMAT parquet, COMPRESSION zstd)")
             tables[table] = {"file": path.name, "rows": con.execute(f"SELECT count(*) FROM ({query})").fetchone()[0]}
         if directions:
             query = (f"SELECT * EXCLUDE (path, created_at) FROM directions WHERE name IN ({_sql_list(directions)}) "
                      "ORDER BY name")
-            con.execute(f"COPY ({query}) TO '{tmp / 'directions.parquet'}' (FORMAT parquet, COMPRESSION zstd)")
+            con.execute(f"COPY ({query}) TO {_literal(tmp / 'directions.parquet')} (FORMAT parquet, COMPRESSION zstd)")
             tables["directions"] = {"file": "directions.parquet", "rows": len(directions)}
     for table in tables.values():
         table["sha256"] = _sha256(tmp / table["file"])
@@ -195,7 +200,7 @@ def import_bundle(store: Store, bundle: str | Path, cache_dir: str | Path, *, ba
     from backend.directions import direction_path, read_direction_file
 
     bundle = Path(bundle)
-    marker = read_marker(store) if store.path.exists() or marker_path(store).exists() else None
+    marker = read_marker(store)
     if first_run and marker is not None:
         return ImportResult(marker.get("bundle", "?"), [], [], {}, skipped=f"shipped data was {marker.get('state')} "
                             f"on {str(marker.get('at', '?'))[:19]} ({marker_path(store)})")
@@ -237,14 +242,14 @@ def import_bundle(store: Store, bundle: str | Path, cache_dir: str | Path, *, ba
         with store.write() as con:
             for table in RUN_TABLES:
                 path = bundle / manifest["tables"][table]["file"]
-                source = f"read_parquet('{path}')"
+                source = f"read_parquet({_literal(path)})"
                 if table == "runs":
                     source = f"(SELECT * REPLACE ('{SHIPPED_STATUS}' AS status) FROM {source})"
                 con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM {source}")
                 rows[table] = con.execute(f"SELECT count(*) FROM {source}").fetchone()[0]
             if "directions" in manifest["tables"]:
                 path = bundle / manifest["tables"]["directions"]["file"]
-                frame = con.execute(f"SELECT * FROM read_parquet('{path}')").df()
+                frame = con.execute(f"SELECT * FROM read_parquet({_literal(path)})").df()
                 for row in frame.to_dict("records"):
                     extra = json.loads(row.get("extra") or "null") or {}
                     extra["shipped"] = name

@@ -1,0 +1,40 @@
+"""The first minute on a fresh clone: the chat preset of the default configuration and the 8
+first-plot questions one click from an answer in every column."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from streamlit.testing.v1 import AppTest
+
+from backend import chat
+from backend.config import load_config
+from backend.questions import load_questions
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_default_preset_is_base_organism_and_organism_ablated():
+    config = load_config(REPO / "config.toml")
+    directions = sorted(p.stem for p in (REPO / "backend/organism/v0/directions").glob("*.safetensors"))
+    # run.sh imports these directions; the alphabetical first adapter (finance-r8) was the old preset.
+    specs = [c.spec for c in chat.preset(list(config.adapters), directions, 15)]
+    assert specs == ["base", "adapter=medical", "adapter=medical,direction=medical,layer=15,strength=1"]
+    assert chat.preset(list(config.adapters), [], 15)[1].spec == "adapter=medical"
+
+
+def test_the_8_first_plot_questions_ask_every_column_in_one_click(monkeypatch, vllm_server):
+    monkeypatch.setenv("EM_CONFIG", str(Path(vllm_server.config.root) / "config.toml"))
+    app = AppTest.from_file(str(REPO / "pages" / "1_Chat.py"), default_timeout=180)
+    app.query_params.update({"col": ["base", "adapter=em-rank1"], "max": "6", "seed": "1"})
+    app.run()
+    assert not app.exception
+    general = [q.paraphrases[0] for q in load_questions("em_core") if q.domain == "general"]
+    buttons = [app.button(key=f"first-{n}") for n in range(8)]
+    assert [b.label for b in buttons] == general and len(general) == 8
+    buttons[3].click().run()
+    assert not app.exception
+    histories = app.session_state["histories"]
+    assert [h[-1].user for h in histories] == [general[3]] * 2
+    assert all(h[-1].answers[0].text for h in histories)
+    # Once the chat has a turn, the buttons make room for the columns (the sidebar keeps the list).
+    assert not any(b.key and b.key.startswith("first-") for b in app.button)
