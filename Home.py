@@ -63,7 +63,8 @@ except (shipped.ShippedError, StoreError) as error:
 else:
     if ship.present:
         st.info(f"The Evaluations and Directions pages include {ship.describe()}, imported on the first run "
-                "so that the charts have content. Your own runs are kept apart and are never removed.", icon=":material/inventory_2:")
+                "so that the charts have content. Your own runs are kept apart and are never removed.",
+                icon=":material/inventory_2:")
         if st.button("Remove shipped data", key="remove-shipped"):
             try:
                 shipped.remove_shipped(store)

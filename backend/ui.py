@@ -20,8 +20,10 @@ PAGES = (
     PageEntry("Home.py", "Home", ":material/home:", "server status, base model and adapters; shipped data"),
     PageEntry("pages/1_Chat.py", "Chat", ":material/chat:",
               "base, organism and organism with its direction ablated, side by side; the 8 first-plot questions"),
-    PageEntry("pages/2_Evaluations.py", "Evaluations", ":material/bar_chart:", "judged runs: EM rates, scores and every answer"),
-    PageEntry("pages/3_Directions.py", "Directions", ":material/explore:", "misalignment directions: norms, cosines, transfer"),
+    PageEntry("pages/2_Evaluations.py", "Evaluations", ":material/bar_chart:",
+              "judged runs: EM rates, scores and every answer"),
+    PageEntry("pages/3_Directions.py", "Directions", ":material/explore:",
+              "misalignment directions: norms, cosines, transfer"),
     PageEntry("pages/4_Adapters.py", "Adapters", ":material/biotech:", "rank-1 adapter scalars, probes and knock-outs"),
 )
 

@@ -123,8 +123,8 @@ except (StoreError, browse.BrowseError) as error:
 shipped_runs = sorted(r for r, status in run_status.items() if status == shipped.SHIPPED_STATUS
                       and (not filters.runs or r in filters.runs))
 if shipped_runs:
-    st.caption(f":material/inventory_2: Includes shipped data: run {', '.join(shipped_runs)}, imported on the first run so that the "
-               "charts have content (Home removes it).")
+    st.caption(f":material/inventory_2: Includes shipped data: run {', '.join(shipped_runs)}, imported on the "
+               "first run so that the charts have content (Home removes it).")
 totals = result.totals
 cols = st.columns(4)
 cols[0].metric("judged samples", f"{int(totals['samples']):,}")

@@ -44,7 +44,8 @@ try:
 except (shipped.ShippedError, StoreError):
     shipped_names = set()
 if shipped_names:
-    st.caption(f":material/inventory_2: {', '.join(sorted(shipped_names))}: shipped data, imported on the first run (Home removes it).")
+    st.caption(f":material/inventory_2: {', '.join(sorted(shipped_names))}: shipped data, imported on the first "
+               "run (Home removes it).")
 st.dataframe([{"name": i.name, "shipped": i.name in shipped_names, "adapter": i.adapter or browse.BASE,
                "base model": i.base_model,
                "source run": i.source_run, "counts": ", ".join(f"{k}={v}" for k, v in i.counts.items()),
