@@ -73,7 +73,9 @@ else:
             else:
                 st.rerun()
     else:
-        st.caption(f"{ship.describe()}. `python -m backend shipped import [FOLDER]` imports a bundle; "
+        described = ship.describe()
+        st.caption(f"{described[0].upper()}{described[1:]}. `python -m backend shipped import [FOLDER]` imports "
+                   "a bundle; "
                    "`python -m backend shipped export` writes one (README, 'Shipped data').")
         bundle = shipped.DEFAULT_BUNDLE
         if (bundle / "manifest.json").exists() and st.button("Import the shipped data", key="import-shipped"):

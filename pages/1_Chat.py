@@ -148,7 +148,8 @@ if not any(state.histories):
     questions = first_plot_questions(config)
     rows = [st.columns(4) for _ in range((len(questions) + 3) // 4)]
     for number, question in enumerate(questions):
-        if rows[number // 4][number % 4].button(question, key=f"first-{number}", use_container_width=True):
+        if rows[number // 4][number % 4].button(question, key=f"first-{number}", use_container_width=True,
+                                                help=question):  # the label is cut to one line
             state.example = question  # picked up where the chat input is read, below
 
 columns = st.columns(len(setup.conditions))

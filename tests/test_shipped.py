@@ -187,4 +187,4 @@ def test_pages_mark_shipped_data_and_home_removes_it(bundle, tmp_path, monkeypat
     assert any("1 run, 1,040 samples" in i.value for i in app.info)
     app.button(key="remove-shipped").click().run()
     assert shipped.shipped_status(store).runs == [] and not app.exception
-    assert any("shipped data removed on" in c.value for c in app.caption)
+    assert any("Shipped data removed on" in c.value for c in app.caption)
