@@ -86,6 +86,26 @@ else:
             else:
                 st.rerun()
 
+@st.fragment(run_every=3)
+def runs_in_progress() -> None:
+    """Evaluation runs under way (started here, on the Evaluations page or from the CLI), as progress bars."""
+    from backend import browse, evaluation
+    try:
+        running = browse.runs_in_progress(store) if store.path.exists() else []
+    except StoreError:
+        return
+    for run in (running.to_dict("records") if len(running) else []):
+        try:
+            p = evaluation.read_progress(store, run["id"], config)
+        except Exception as error:  # an imported or foreign run without a plan: its counts only
+            st.text(f"{run['id']}: {run['samples']} samples, {run['judged']} judged ({error})")
+            continue
+        st.progress(min(1.0, p.fraction), text=f"evaluation {run['id']} · {p.status} · samples {p.samples_done}/"
+                    f"{p.samples_total} · judgements {p.judgements_done}/{p.judgements_total}")
+
+
+runs_in_progress()
+
 with st.expander("Use your own models"):
     st.markdown("Any Llama, Qwen2 or Mistral instruct model with PEFT LoRA adapters works: set `base_model` and "
                 "`[adapters]` in `config.toml` (or a file named by `EM_CONFIG`), and point `[judge]` at an "

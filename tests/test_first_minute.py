@@ -38,3 +38,19 @@ def test_the_8_first_plot_questions_ask_every_column_in_one_click(monkeypatch, v
     assert all(h[-1].answers[0].text for h in histories)
     # Once the chat has a turn, the buttons make room for the columns (the sidebar keeps the list).
     assert not any(b.key and b.key.startswith("first-") for b in app.button)
+
+
+def test_home_shows_evaluation_runs_in_progress(monkeypatch, tmp_path):
+    from backend.store import RunRecord, SampleRow, Store
+    (tmp_path / "config.toml").write_text(f'base_model = "Qwen/Qwen2.5-0.5B"\ncache_dir = "{tmp_path}"\n'
+                                          '[server]\nport = 1\n')
+    monkeypatch.setenv("EM_CONFIG", str(tmp_path / "config.toml"))
+    store = Store(tmp_path / "em.duckdb")
+    store.create_run(RunRecord(id="under-way", status="running"))
+    store.insert_samples([SampleRow("under-way", "base", "q", 0, i, "q", "a") for i in range(3)])
+    store.create_run(RunRecord(id="done", status="finished"))
+    app = AppTest.from_file(str(REPO / "Home.py"), default_timeout=60).run()
+    assert not app.exception
+    shown = " ".join([t.value for t in app.text] + [getattr(p, "text", "") or "" for p in app.get("progress")])
+    assert "under-way" in shown and ("3 samples" in shown or "samples 3/" in shown), shown
+    assert "done" not in shown.replace("under-way", "")
