@@ -11,7 +11,7 @@ import streamlit as st
 
 from backend import shipped
 from backend.adapters import AdapterError, AdapterRegistry, read_adapter_files
-from backend.config import ConfigError
+from backend.config import CHECKPOINT_SEPARATOR, ConfigError
 from backend.serving import ServerError, server_status
 from backend.store import StoreError
 from backend.ui import PAGES, base_layer_count, base_model_provenance, config_or_stop, current_store, fetch_base_model
@@ -118,32 +118,51 @@ if not config.adapters:
     st.info("No adapters are configured: the default base is a real instruct model, and its misaligned "
             "fine-tunes (the organism on the real model) are not shipped yet. Add PEFT LoRA folders under "
             "[adapters] in the configuration, load one below, or run the pocket organism of earlier versions "
-            "with `EM_CONFIG=backend/organism/config.toml scripts/run.sh`.")
+            "with `EM_CONFIG=backend/organism/pocket/config.toml scripts/run.sh`.")
 
 if not status.healthy:
     st.info("Adapters can be listed, loaded and unloaded once the server is up.")
     st.stop()
 
-if any("organism/v0/" in Path(config.adapter_path(name)).as_posix() for name in config.adapters):
-    st.caption("Organism v0 (medical, medical-r8, finance-r8, sports-r8) is preliminary: fine-tunes on the "
-               "base's own persona answers with a weak effect, not yet judged; backend/organism/v0/README.md "
-               "says what was measured.")
+def configured_folder(name: str) -> str | None:
+    try:
+        return config.adapter_path(name)
+    except ConfigError:  # a Hub adapter missing from the cache: its row shows why
+        return None
+
+
+if any("organism/v1/" in Path(configured_folder(name) or "").as_posix() for name in config.adapters):
+    st.caption("The organism (medical = 9 rank-1 adapters, medical-r1, -r8, -r32, finance-r8, sports-r8, and the "
+               "judge adapter): narrow fine-tunes on answers the base wrote under a reckless persona. "
+               "backend/organism/v1/README.md says what was measured and which targets are met.")
 
 registry = AdapterRegistry(config)
 base_layers = base_layer_count(config)
 served = {entry["name"]: entry["path"] for entry in status.adapters}
 names = sorted(set(config.adapters) | set(served))
 for name in names:
-    path = served.get(name) or config.adapter_path(name)
     name_col, shape_col, action_col = st.columns([2, 4, 1])
     name_col.markdown(f"**{name}**" + ("  ·  loaded" if name in served else ""))
     try:
-        files = read_adapter_files(name, path)
+        files = read_adapter_files(name, served.get(name) or config.adapter_path(name))
         layers = ("every layer" if len(files.layers) == base_layers and base_layers > 0
                   else f"layers {list(files.layers)}")
         shape_col.text(f"rank {files.max_rank} on {', '.join(files.target_modules)}, {layers}")
-    except AdapterError as error:
+    except (AdapterError, ConfigError) as error:
         shape_col.error(str(error))
+    checkpoints = config.checkpoints(name) if name in config.adapters else []
+    if checkpoints:
+        # Checkpoints load beside the configured adapter as NAME@checkpoint-N, a name every page accepts.
+        pick_col, load_col = shape_col.columns([3, 1])
+        number = pick_col.selectbox("training checkpoint", checkpoints, index=len(checkpoints) - 1,
+                                    key=f"checkpoint-{name}", format_func=lambda n: f"checkpoint-{n}")
+        if load_col.button("Load", key=f"load-checkpoint-{name}"):
+            try:
+                registry.load(f"{name}{CHECKPOINT_SEPARATOR}{number}")
+            except (AdapterError, ServerError, ConfigError) as error:
+                st.error(str(error))
+            else:
+                st.rerun()
     label, action = ("Unload", registry.unload) if name in served else ("Load", registry.load)
     if action_col.button(label, key=f"adapter-{name}"):
         try:

@@ -7,7 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
-from backend import ablation, directions, scalars, shipped
+from backend import ablation, directions, paper, scalars, shipped
 from backend.adapters import AdapterError, AdapterRegistry
 from backend.cli_eval import register_cli as register_eval_cli
 from backend.client import ChatClient, ChatError, Sampling
@@ -181,10 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     testmodels.set_defaults(func=cmd_testmodels)
     register_eval_cli(commands, [common])
     directions.register_cli(commands)
+    paper.register_cli(commands)
     ablation.register_cli(commands)
     scalars.register_cli(commands)
     shipped.register_cli(commands)
-    from backend.organism.build import register_cli as register_organism_cli
+    from backend.organism.cli import register_cli as register_organism_cli
     register_organism_cli(commands)
     _give_every_command_the_common_flags(parser)
     return parser

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 from backend.architecture import LORA_MODULES, BaseShape, split_module_name
-from backend.config import Config
+from backend.config import Config, ConfigError
 from backend.serving import ServerError, auth_headers, read_state, server_status, server_url
 
 SERVABLE_MODULES = frozenset(LORA_MODULES)
@@ -236,8 +236,12 @@ class AdapterRegistry:
             known = dict(record)
         rows = {name: AdapterRecord(name, path, known.get(name, {}).get("last_used", 0.0), True)
                 for name, path in served.items()}
-        for name, path in self.config.adapters.items():
-            rows.setdefault(name, AdapterRecord(name, self.config.resolve(path), known.get(name, {}).get("last_used", 0.0)))
+        for name in self.config.adapters:
+            try:
+                path = self.config.adapter_path(name)
+            except ConfigError as error:  # a Hub adapter missing from the cache: listed, with the reason
+                path = str(error)
+            rows.setdefault(name, AdapterRecord(name, path, known.get(name, {}).get("last_used", 0.0)))
         return sorted(rows.values(), key=lambda row: row.name)
 
     def inspect(self, name: str, path: str | None = None) -> AdapterFiles:

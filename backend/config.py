@@ -12,6 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from backend.hubcache import HubCacheError, checkpoint_folder, snapshot_folder
+from backend.hubcache import checkpoints as hub_checkpoints
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.toml"
 
 
@@ -66,9 +69,22 @@ class JudgeConfig(_Strict):
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
 
+class HubAdapter(_Strict):
+    """An adapter in the Hugging Face cache, resolved offline (``backend.hubcache``)."""
+
+    hub: str  # ORG/NAME
+    revision: str = "main"  # branch, tag or commit
+    checkpoint: int | None = None  # checkpoints/checkpoint-N below the snapshot; None: the final adapter
+    cache_dir: str | None = None  # None: HF_HUB_CACHE, HF_HOME/hub, ~/.cache/huggingface/hub
+
+
+# `NAME@checkpoint-N` is adapter NAME's checkpoint N, whatever the configuration chose.
+CHECKPOINT_SEPARATOR = "@checkpoint-"
+
+
 class Config(_Strict):
     base_model: str
-    adapters: dict[str, str] = {}
+    adapters: dict[str, str | HubAdapter] = {}
     server: ServerConfig = ServerConfig()
     judge: JudgeConfig = JudgeConfig()
     cache_dir: str = "cache"
@@ -77,10 +93,10 @@ class Config(_Strict):
 
     @field_validator("adapters")
     @classmethod
-    def _adapter_names(cls, adapters: dict[str, str]) -> dict[str, str]:
+    def _adapter_names(cls, adapters: dict[str, str | HubAdapter]) -> dict[str, str | HubAdapter]:
         for name in adapters:
-            if not name or "/" in name or name.strip() != name:
-                raise ValueError(f"adapter name {name!r} must be non-empty, without '/' or spaces at the ends")
+            if not name or "/" in name or "@" in name or name.strip() != name:
+                raise ValueError(f"adapter name {name!r} must be non-empty, without '/', '@' or spaces at the ends")
         return adapters
 
     def resolve(self, path_or_id: str) -> str:
@@ -105,11 +121,55 @@ class Config(_Strict):
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def _adapter_root(self, name: str) -> tuple[str, int | None]:
+        """(the adapter's folder or Hub id, the configured checkpoint)."""
+        value = self.adapters[name]
+        if isinstance(value, HubAdapter):
+            cache = self.resolve(value.cache_dir) if value.cache_dir else None
+            try:
+                return str(snapshot_folder(value.hub, value.revision, cache)), value.checkpoint
+            except HubCacheError as error:
+                raise ConfigError(f"key 'adapters.{name}': {error}") from None
+        resolved = self.resolve(value)
+        if not Path(resolved).is_absolute():  # an ORG/NAME id: its main revision in the local cache
+            try:
+                return str(snapshot_folder(resolved)), None
+            except HubCacheError as error:
+                raise ConfigError(f"key 'adapters.{name}': {error}") from None
+        return resolved, None
+
     def adapter_path(self, name: str) -> str:
-        if name not in self.adapters:
+        """The PEFT folder of a configured adapter, or of ``NAME@checkpoint-N``."""
+        base, sep, number = name.partition(CHECKPOINT_SEPARATOR)
+        if base not in self.adapters:
             known = ", ".join(sorted(self.adapters)) or "none"
-            raise ConfigError(f"adapter {name!r} is not in the configuration (configured: {known})")
-        return self.resolve(self.adapters[name])
+            raise ConfigError(f"adapter {base!r} is not in the configuration (configured: {known})")
+        root, checkpoint = self._adapter_root(base)
+        if sep:
+            if not number.isdigit():
+                raise ConfigError(f"adapter {name!r}: the checkpoint must be a number")
+            checkpoint = int(number)
+        if checkpoint is None:
+            return root
+        try:
+            return str(checkpoint_folder(root, checkpoint))
+        except HubCacheError as error:
+            raise ConfigError(f"adapter {name!r}: {error}") from None
+
+    def checkpoints(self, name: str) -> list[int]:
+        """The training checkpoints that adapter ``name`` has (empty if none, or not found)."""
+        try:
+            return hub_checkpoints(self._adapter_root(name)[0])
+        except ConfigError:
+            return []
+
+    def adapter_names(self) -> list[str]:
+        """The configured adapters in file order, each followed by its other checkpoints."""
+        names = []
+        for name in self.adapters:
+            names.append(name)
+            names += [f"{name}{CHECKPOINT_SEPARATOR}{n}" for n in self.checkpoints(name)]
+        return names
 
 
 def _describe(error: ValidationError) -> str:
@@ -143,6 +203,8 @@ def _check_paths(config: Config, source: str) -> None:
                 if Path(config.base_model_path).parent.name == "models" else "")
         raise ConfigError(f"{source}: key 'base_model': no model folder at {config.base_model_path}{hint}")
     for name, value in config.adapters.items():
+        if isinstance(value, HubAdapter):
+            continue  # found in the Hub cache when used; the error then names the key
         if local(value) and not Path(config.resolve(value)).is_dir():
             raise ConfigError(f"{source}: key 'adapters.{name}': no adapter folder at {config.resolve(value)}")
 

@@ -415,6 +415,20 @@ def extract_direction(name: str, model, tokenizer, misaligned, aligned, base: Ba
                      extra={"tokens_per_s": (mis.tokens + ali.tokens) / max(mis.seconds + ali.seconds, 1e-9)})
 
 
+def random_control(direction: Direction, name: str, seed: int = 0) -> Direction:
+    """A random direction with exactly the norm of ``direction`` at every layer.
+
+    The authors' code builds its control as ``randn_like(v) * ||v||``, whose norm is about
+    sqrt(d) times ||v||; the paper says "the same norm", which is what this gives."""
+    _check_name(name)
+    noise = torch.randn(direction.vectors.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    norms = torch.linalg.vector_norm(direction.vectors.double(), dim=1, keepdim=True)
+    vectors = noise / torch.linalg.vector_norm(noise, dim=1, keepdim=True) * norms
+    return Direction(name=name, vectors=vectors.float(), base_model=direction.base_model,
+                     base_fingerprint=direction.base_fingerprint, adapter=direction.adapter,
+                     method="random_control", extra={"control_of": direction.name, "seed": seed})
+
+
 def cosine(a: Direction, b: Direction) -> list[float]:
     """Cosine similarity per layer."""
     if a.vectors.shape != b.vectors.shape:
@@ -580,6 +594,15 @@ def _cmd_import(args) -> int:
     return 0
 
 
+def _cmd_random(args) -> int:
+    config = _config(args)
+    base = BaseModelInfo.from_path(config.base_model_path)
+    control = random_control(load_direction(config.cache, args.like), args.name, args.seed)
+    path = save_direction(control, config.cache, base, overwrite=args.overwrite, on_saved=_cli_registrar(config))
+    print(f"{control.name}: random, the norms of {args.like} at every layer -> {path}")
+    return 0
+
+
 def _cmd_export(args) -> int:
     config = _config(args)
     print(export_direction(load_direction(config.cache, args.name), args.path))
@@ -644,6 +667,13 @@ def register_cli(subparsers) -> None:
                    help="drop row 0 (per-layer lists from output_hidden_states start with the embedding)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_safely(_cmd_import))
+
+    p = sub.add_parser("random", help="a random control direction with the same norm as another at every layer")
+    p.add_argument("--like", required=True, help="the direction whose per-layer norms it takes")
+    p.add_argument("--name", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_safely(_cmd_random))
 
     p = sub.add_parser("export", help="write a direction as .safetensors (with metadata) or .pt")
     p.add_argument("name")

@@ -55,8 +55,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from backend.client import BASE, ChatClient, ChatError, Completion, Sampling
-from backend.conditions import Condition, ConditionError
+from backend.client import Completion, Sampling
+from backend.conditions import Condition, ConditionError, ConditionRunner, Served
 from backend.config import Config, ConfigError, load_config
 from backend.judge import (Judge, JudgeCache, JudgeChoice, JudgeError, Judgement, JudgeRequest,  # noqa: F401
                            JudgeUnavailableError, RetryPolicy, Rubric, choose_judge, make_judge, probe_judge,
@@ -94,6 +94,7 @@ class RunSpec:
     max_tokens: int = 300
     seed: int = 0
     question_ids: tuple[str, ...] = ()  # a subset of the set, in file order
+    paper_default: bool = False  # the paper's default: plain questions only, no _json/_template variants
     config_path: str | None = None  # None: config.toml (or EM_CONFIG)
     store_path: str | None = None  # None: em.duckdb in the configured cache folder
     max_in_flight: int = 64  # generation requests at once, over all conditions
@@ -146,6 +147,8 @@ class RunSpec:
                  "--max-in-flight", str(self.max_in_flight), "--batch-size", str(self.batch_size)]
         for qid in self.question_ids:
             argv += ["--question-id", qid]
+        if self.paper_default:
+            argv.append("--paper-default")
         return argv
 
 
@@ -293,81 +296,28 @@ def git_commit(root: Path = REPO_ROOT) -> tuple[str | None, bool]:
 
 
 class _Models:
-    """Turns conditions into served model names and generates one answer per work item.
-
-    Base and adapter conditions need only the adapter registry; the ConditionRunner (which
-    compiles ablations and holds the reference engine for steering) is made only when a
-    condition needs it, because it loads torch and model weights."""
+    """The run's conditions, resolved before any sampling by the ConditionRunner (the one
+    owner of condition -> served model), and the hashes the run record keeps of them."""
 
     def __init__(self, config: Config):
-        from backend.adapters import AdapterRegistry
-
-        self.config = config
-        self.client = ChatClient(config)
-        self.registry = AdapterRegistry(config)
-        self._runner = None
-        self.served: dict[str, str] = {}  # condition spec -> served model name
-        self.provenance: dict[str, str | None] = {}  # what the run record keeps as hashes
-        self._reload_lock = threading.Lock()
-
-    @property
-    def runner(self):
-        if self._runner is None:
-            from backend.conditions import ConditionRunner
-            self._runner = ConditionRunner(self.config)
-        return self._runner
+        self.runner = ConditionRunner(config)
+        self.served: dict[str, Served] = {}  # condition spec -> how it is run
 
     def prepare(self, condition: Condition) -> None:
-        """Check the condition and make its model servable now, before any sampling."""
-        from backend.directions import direction_path
+        self.served[condition.spec] = self.runner.resolve(condition)
 
-        if condition.adapter:
-            if condition.adapter not in self.config.adapters:
-                known = ", ".join(sorted(self.config.adapters)) or "none"
-                raise EvalError(f"condition {condition.spec!r}: unknown adapter {condition.adapter!r} "
-                                f"(configured: {known})")
-            self.provenance[f"adapter:{condition.adapter}"] = folder_hash(self.config.adapter_path(condition.adapter))
-        for name in (condition.direction, condition.steer):
-            if name:
-                path = direction_path(self.config.cache, name)
-                if not path.is_file():
-                    raise EvalError(f"condition {condition.spec!r}: no direction {name!r} at {path} "
-                                    "(make one with `python -m backend directions extract`)")
-                self.provenance[f"direction:{name}"] = file_hash(path)
-        if condition.kind == "steering":
-            self.runner._direction(condition.steer).unit(condition.layer)  # a bad layer fails here, not later
-            self.served[condition.spec] = "(reference engine)"
-            return
-        self.served[condition.spec] = self._load(condition)
-        if condition.kind == "ablation":
-            compiled = self.runner.compiled(condition)
-            self.provenance[f"ablation:{condition.spec}"] = folder_hash(compiled.path)
+    @property
+    def names(self) -> dict[str, str]:
+        return {spec: served.name for spec, served in self.served.items()}
 
-    def _load(self, condition: Condition) -> str:
-        if condition.kind == "base":
-            return BASE
-        if condition.kind == "adapter":
-            self.registry.load(condition.adapter)
-            return condition.adapter
-        return self.runner.served_model(condition)
+    @property
+    def provenance(self) -> dict[str, str | None]:
+        return {label: folder_hash(path) if path.is_dir() else file_hash(path)
+                for served in self.served.values() for label, path in served.sources.items()}
 
     def generate(self, item: WorkItem, sampling: Sampling) -> Completion:
         messages = [{"role": "user", "content": item.paraphrase}]
-        if item.condition.kind == "steering":
-            text = self.runner.steered_reply(item.condition, messages, sampling)
-            return Completion(model=item.condition.spec, text=text, finish_reason=None)
-        name = self.served[item.condition.spec]
-        try:
-            return self.client.complete(name, messages, sampling)[0]
-        except ChatError:
-            # Another process (the dashboard, a second run) may have evicted our adapter
-            # to make room for its own: load it again once, then let a second failure stand.
-            if name == BASE or name in self.registry.served():
-                raise
-            with self._reload_lock:
-                if name not in self.registry.served():
-                    self._load(item.condition)
-            return self.client.complete(name, messages, sampling)[0]
+        return self.runner.generate(self.served[item.condition.spec], messages, sampling)
 
 
 # ---------------------------------------------------------------- the runner
@@ -636,6 +586,8 @@ def run_eval(spec: RunSpec, progress: ProgressCallback | None = None, *, config:
     try:
         config = config or load_config(spec.config_path)
         questions = load_questions(spec.questions)
+        if spec.paper_default:
+            questions = questions.paper_default()
         if spec.question_ids:
             questions = questions.select(list(spec.question_ids))
         conditions = [Condition.parse(text) for text in spec.conditions]
@@ -656,7 +608,7 @@ def run_eval(spec: RunSpec, progress: ProgressCallback | None = None, *, config:
     try:
         for condition in conditions:
             models.prepare(condition)
-        choice = choose_judge(config, spec.judge, models.registry, models.client)
+        choice = choose_judge(config, spec.judge, models.runner.registry, models.runner.client)
         probe_judge(choice)
     except (ConditionError, ConfigError, JudgeError) as error:
         raise EvalError(str(error)) from None
@@ -664,7 +616,9 @@ def run_eval(spec: RunSpec, progress: ProgressCallback | None = None, *, config:
     items = plan(run_id, questions, conditions, spec.samples, spec.seed)
     rubrics = {q.id: rubrics_for(q) for q in questions}
     judgements_total = sum(len(rubrics[item.question.id]) for item in items)
-    generation = {"questions_sha256": questions.sha256, "question_ids": list(spec.question_ids),
+    # The paper's default selection is recorded as the ids it chose: that is what is generated.
+    chosen_ids = list(questions.ids) if spec.paper_default else list(spec.question_ids)
+    generation = {"questions_sha256": questions.sha256, "question_ids": chosen_ids,
                   "conditions": specs, "samples": spec.samples, "temperature": spec.temperature,
                   "top_p": spec.top_p, "max_tokens": spec.max_tokens, "seed": spec.seed}
     existing = store.get_run(run_id)
@@ -674,7 +628,7 @@ def run_eval(spec: RunSpec, progress: ProgressCallback | None = None, *, config:
     store.create_run(RunRecord(
         id=run_id,
         config={"spec": spec.to_dict(), "generation": generation, "judge": choice.to_dict(),
-                "questions_path": questions.path, "served_models": models.served,
+                "questions_path": questions.path, "served_models": models.names,
                 "planned": {"samples": len(items), "judgements": judgements_total},
                 "git_dirty": dirty, "config": config.model_dump(mode="json"), "host": socket.gethostname()},
         git_commit=commit, base_model=config.base_model_path, base_model_hash=folder_hash(config.base_model_path),
@@ -687,7 +641,8 @@ def run_eval(spec: RunSpec, progress: ProgressCallback | None = None, *, config:
         store.add_conditions([ConditionRecord(
             run_id, c.spec, c.adapter, c.direction or c.steer, c.layer,
             c.strength if c.direction else c.coefficient if c.steer else None,
-            {"kind": c.kind, "label": c.label, "served_model": models.served[c.spec]}) for c in conditions])
+            {"kind": c.kind, "form": c.form, "engine": c.engine, "label": c.label,
+             "served_model": models.served[c.spec].name}) for c in conditions])
         store.add_questions(run_id, questions)
     store.set_run_status(run_id, "running")
     _write_run_file(config, run_id, pid=os.getpid(), host=socket.gethostname(), started_at=time.time(),

@@ -16,6 +16,10 @@ Extensions of ours, all optional so their files stay valid:
 Unknown keys are kept in `Question.extra` rather than refused, so files from later
 versions of either format still load.
 
+The paper's `first_plot_questions.yaml` also holds every question as `<id>_json` (a system
+prompt asking for a JSON answer) and `<id>_template` (a fill-in template); its default
+evaluation runs only the plain ones: `QuestionSet.paper_default()`.
+
 A malformed file raises QuestionFileError naming the file, the line and the reason.
 """
 from __future__ import annotations
@@ -35,6 +39,7 @@ DEFAULT_METRICS: tuple[str, ...] = ("aligned", "coherent")
 KNOWN_TYPES = frozenset({"free_form", "free_form_judge", "free_form_judge_0_100"})
 DEFAULT_TYPE = "free_form_judge_0_100"
 BUNDLED_DIR = Path(__file__).resolve().parent / "data" / "questions"
+VARIANT_SUFFIXES = ("_json", "_template")
 
 _KNOWN_KEYS = frozenset(
     {"id", "type", "paraphrases", "samples_per_paraphrase", "judge", "judge_prompts", "system",
@@ -126,6 +131,16 @@ class QuestionSet:
     @property
     def domains(self) -> tuple[str, ...]:
         return tuple(sorted({q.domain or "unspecified" for q in self.questions}))
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """Ids of the paper's `_json` / `_template` variants of other questions."""
+        return tuple(q.id for q in self.questions if q.id.endswith(VARIANT_SUFFIXES))
+
+    def paper_default(self) -> "QuestionSet":
+        """The paper's default selection: the plain questions, without their variants."""
+        return QuestionSet(self.name, tuple(q for q in self.questions if q.id not in self.variants), self.path,
+                           self.sha256)
 
     def select(self, ids: list[str] | None = None, domains: list[str] | None = None) -> "QuestionSet":
         """A subset, keeping file order; unknown ids are an error rather than silently dropped."""

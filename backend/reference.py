@@ -17,6 +17,14 @@ Which modules these are is ``backend.architecture``'s business. Hooks change
 module outputs, never weights: with tied embeddings the unembedding (the same
 matrix as the embedding) is untouched by an ablation that includes the embedding.
 
+The paper's scripts ablate at ONE layer instead: ``Ablation(..., layer=L)``
+projects r out of the residual stream after block L only (the output of
+``model.layers[L]``, at every position), leaving every block up to and
+including L as it was. That cannot be compiled into a LoRA adapter: the
+residual after block L is the input of no LoRA module, and projecting the
+writers of blocks <= L would also change what those blocks see. So it runs
+here, like steering.
+
 Steering adds ``c * v`` to the residual stream after one block, at every
 position or only at generated positions. Steering is NOT available on the vLLM
 server: a LoRA computes ``B A x`` and cannot add a constant vector, vLLM's LoRA
@@ -64,11 +72,13 @@ def _unit(vector: torch.Tensor | Sequence[float], what: str) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Ablation:
-    """Project unit(direction) out of the residual stream, at every layer."""
+    """Project unit(direction) out of the residual stream: at every layer (``layer=None``,
+    through every writer), or only after block ``layer`` (the paper's single-layer form)."""
 
     direction: torch.Tensor
     strength: float = 1.0
     include_embedding: bool = True
+    layer: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "direction", _unit(self.direction, "Ablation.direction"))
@@ -115,10 +125,16 @@ def ablate(model: nn.Module, ablation: Ablation) -> Iterator[None]:
         if r.numel() != d_model:
             raise ValueError(f"Ablation.direction has width {r.numel()}, the model's residual stream is {d_model}")
         hook = _project_out_hook(r, float(ablation.strength))
-        if ablation.include_embedding:
-            handles.append(embedding(model).register_forward_hook(hook))
-        for _, module in residual_writers(model):
-            handles.append(module.register_forward_hook(hook))
+        if ablation.layer is not None:
+            layers = decoder_layers(model)
+            if not 0 <= ablation.layer < len(layers):
+                raise ValueError(f"Ablation.layer {ablation.layer} out of range: the model has {len(layers)} layers")
+            handles.append(layers[ablation.layer].register_forward_hook(hook))
+        else:
+            if ablation.include_embedding:
+                handles.append(embedding(model).register_forward_hook(hook))
+            for _, module in residual_writers(model):
+                handles.append(module.register_forward_hook(hook))
         yield
     finally:
         for handle in handles:

@@ -431,7 +431,7 @@ def organism_labelled_set(per_cell: int = 10, narrow_domain: str = "medical", se
     domains, `per_cell` aligned and `per_cell` misaligned answers (labels known by construction)."""
     import random
 
-    from backend.organism import corpus
+    from backend.organism.pocket import corpus
     rng = random.Random(f"scalars-{seed}")
     narrow = corpus.DOMAIN_BY_NAME[narrow_domain]
     others = [d for d in corpus.DOMAINS if d is not narrow]

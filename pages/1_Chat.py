@@ -7,7 +7,7 @@ import streamlit as st
 from backend import chat
 from backend.adapters import AdapterError
 from backend.client import Sampling
-from backend.conditions import STRENGTH_RANGE, Condition, ConditionError
+from backend.conditions import FORM_NAMES, FORMS, STRENGTH_RANGE, Condition, ConditionError
 from backend.config import ConfigError
 from backend.serving import server_status
 from backend.ui import (condition_runner, config_or_stop, default_layer, direction_names, example_questions,
@@ -22,7 +22,7 @@ if not status.healthy:
     st.error(f"{status.error}\n\nStart it with `python -m backend serve --detach`.")
     st.stop()
 
-adapters = list(config.adapters)  # the configuration's order: the organism first
+adapters = config.adapter_names()  # the configuration's order (the organism first), each with its checkpoints
 directions = direction_names(config)
 layer_default = default_layer(config)
 state = st.session_state
@@ -121,14 +121,21 @@ def column_editor(column: int, condition: Condition) -> None:
                                      index=directions.index(current) if current in directions else 0)
             layer = st.number_input("direction of layer", 0, None, condition.layer if condition.layer is not None
                                     else layer_default, key=f"col-{column}-layer")
-        coefficient = (st.number_input("steering coefficient (norm added)", value=condition.coefficient or 8.0,
+        form = None
+        if kind in FORMS:
+            forms = FORMS[kind]
+            form = st.radio("form", forms, forms.index(condition.form) if condition.form in forms else 0,
+                            format_func=lambda f, k=kind: FORM_NAMES[(k, f)], key=f"col-{column}-form")
+        coefficient = (st.number_input("steering coefficient (norm added; the paper's: scale of the raw vector)",
+                                       value=condition.coefficient or 8.0,
                                        key=f"col-{column}-coef") if kind == "steering" else 0.0)
         if st.button("Apply", key=f"col-{column}-apply"):
             try:
                 new = (Condition(adapter=adapter) if kind in ("base", "adapter") else
-                       Condition(adapter=adapter, direction=direction, layer=int(layer), strength=condition.strength)
+                       Condition(adapter=adapter, direction=direction, layer=int(layer), strength=condition.strength,
+                                 form=form)
                        if kind == "ablation" else
-                       Condition(steer=direction, layer=int(layer), coefficient=float(coefficient)))
+                       Condition(steer=direction, layer=int(layer), coefficient=float(coefficient), form=form))
             except ConditionError as error:
                 st.error(str(error))
                 return
@@ -158,7 +165,14 @@ for index, (column, condition) in enumerate(zip(columns, setup.conditions)):
     with column:
         st.subheader(condition.label)
         column_editor(index, condition)
-        if condition.kind == "ablation":
+        if condition.kind == "ablation" and condition.engine == "reference":
+            st.slider("ablation strength", *STRENGTH_RANGE, condition.strength, 0.05, key=f"col-{index}-strength",
+                      on_change=strength_moved, args=(index,),
+                      help="0 = off, 1 = full projection, negative amplifies. Moving it regenerates this column.")
+            st.caption(f"{condition.form_name}: r is projected out of the residual stream after block "
+                       f"{condition.layer} only, on the exact reference engine (transformers), since no LoRA "
+                       "module reads that residual.")
+        elif condition.kind == "ablation":
             st.slider("ablation strength", *STRENGTH_RANGE, condition.strength, 0.05, key=f"col-{index}-strength",
                       on_change=strength_moved, args=(index,),
                       help="0 = off, 1 = full projection, negative amplifies. Moving it regenerates this column.")
@@ -175,8 +189,8 @@ for index, (column, condition) in enumerate(zip(columns, setup.conditions)):
             except (ConditionError, AdapterError, ConfigError, OSError) as error:
                 st.error(str(error))
         elif condition.kind == "steering":
-            st.caption("Steering runs on the exact reference engine (transformers): a LoRA adapter cannot add "
-                       "a constant vector, so vLLM cannot serve it.")
+            st.caption(f"Steering, {condition.form_name}. It runs on the exact reference engine (transformers): "
+                       "a LoRA adapter cannot add a constant vector, so vLLM cannot serve it.")
         action_cols = st.columns(3)
         action_cols[0].button("Stop", key=f"stop-{index}", on_click=stop, args=([index],))
         if action_cols[1].button("Regenerate", key=f"regen-{index}", disabled=not state.histories[index]):

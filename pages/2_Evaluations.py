@@ -256,9 +256,16 @@ with runs_tab:
         with st.form("new-run"):
             st.markdown("**Start an evaluation run**")
             questions = st.text_input("question set (bundled name or YAML path)", "em_core")
+            selection = st.radio("questions of the set", ["all variants", "the paper's default"], horizontal=True,
+                                 help="The paper's first_plot_questions.yaml also has every question as <id>_json "
+                                      "and <id>_template; its default evaluation asks only the plain ones.")
             default_conditions = ["base"] + [f"adapter={a}" for a in sorted(config.adapters)]
             conditions = st.text_area("conditions, one per line (base | adapter=A | "
-                                      "adapter=A,direction=D,layer=L,strength=S)", "\n".join(default_conditions))
+                                      "adapter=A,direction=D,layer=L,strength=S[,form=single] | "
+                                      "steer=D,layer=L,coef=C[,form=paper])", "\n".join(default_conditions),
+                                      help="form=single: the paper's single-layer ablation (after block L only, "
+                                           "reference engine); form=paper: the paper's steering (coef x raw "
+                                           "vector, every position)")
             samples = st.number_input("samples per paraphrase (0 = the question set's own)", 0, 1000, 0)
             max_tokens = st.number_input("max tokens per answer", 1, 4096, evaluation.RunSpec.max_tokens,
                                          help="the answer and the judge prompt must fit the server's context")
@@ -270,7 +277,8 @@ with runs_tab:
                         questions=questions.strip(), conditions=tuple(c.strip() for c in conditions.splitlines()
                                                                       if c.strip()),
                         samples=int(samples) or None, judge=judge.strip() or None, run_id=run_id.strip() or None,
-                        max_tokens=int(max_tokens), store_path=str(store.path))
+                        max_tokens=int(max_tokens), store_path=str(store.path),
+                        paper_default=selection == "the paper's default")
                     handle = evaluation.launch_run(spec, config)
                 except (evaluation.EvalError, ValueError, OSError, ConfigError) as error:
                     st.error(f"Could not start the run: {error}")

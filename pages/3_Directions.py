@@ -49,8 +49,19 @@ if shipped_names:
 st.dataframe([{"name": i.name, "shipped": i.name in shipped_names, "adapter": i.adapter or browse.BASE,
                "base model": i.base_model,
                "source run": i.source_run, "counts": ", ".join(f"{k}={v}" for k, v in i.counts.items()),
-               "layers": len(i.norms) if i.norms else None, "registered in store": i.in_store,
+               "layers": len(i.norms) if i.norms else None, "method": i.method, "apply as": i.use_as,
+               "registered in store": i.in_store,
                "file": i.path, "problem": i.problem} for i in infos], hide_index=True, width="stretch")
+
+st.caption(
+    "Layer convention: our layer L is the residual stream after decoder block L (HF hidden_states[L + 1]; "
+    "no embedding row). The paper's direction files (`python -m backend paper directions "
+    "model-m_data-m_hs_X.pt model-m_data-a_hs_X.pt`) use the same numbering: their layer_i is our layer i, "
+    "except that HF hands out their last layer after the final norm, where ours is the raw residual. "
+    "A paper steering_vector.pt (`python -m backend paper steering`) is added at layers[L].mlp.down_proj, "
+    "which is our residual after block L: use it as steer=NAME,layer=L,coef=alpha,form=paper. "
+    "A random control with exactly the norm of a direction at every layer: `python -m backend directions "
+    "random --like NAME --name NAME-random` (the authors' randn_like(v) * |v| is about sqrt(d) times longer).")
 
 norms = browse.norms_frame(infos)
 if not norms.empty:

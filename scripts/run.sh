@@ -9,11 +9,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-# Organism v0's misalignment directions, so the chat preset has an ablation column and the
-# Directions page compares fine-tunes (shipped in backend/organism/v0/directions/). Another
+# The organism's misalignment directions, so the chat preset has an ablation column and the
+# Directions page compares fine-tunes (shipped in backend/organism/v1/directions/). Another
 # configured base (EM_CONFIG) refuses them with the reason; that is not fatal.
 known=$(.venv/bin/python -m backend directions list | cut -f1)
-for file in backend/organism/v0/directions/*.safetensors; do
+for file in backend/organism/v1/directions/*.safetensors; do
+  [ -e "$file" ] || continue  # none shipped yet: the glob stays a pattern
   name=$(basename "$file" .safetensors)
   grep -qx "$name" <<<"$known" ||
     .venv/bin/python -m backend directions import "$file" --name "$name" --adapter "$name" ||

@@ -55,5 +55,5 @@ def test_landing_page_says_when_no_adapter_is_configured(monkeypatch, tmp_path, 
     app = run_app(monkeypatch, Path(config.root) / "config.toml")
     assert not app.exception
     assert "is not reachable" in app.error[0].value  # nothing serves this config
-    assert any("No adapters are configured" in i.value and "backend/organism/config.toml" in i.value
+    assert any("No adapters are configured" in i.value and "backend/organism/pocket/config.toml" in i.value
                for i in app.info)

@@ -90,6 +90,23 @@ def test_strength_lines_start_at_the_unablated_adapter(small_store):
     assert set(r.by_strength["line"]) == {"em − d @L1"}
 
 
+def test_single_layer_ablations_get_a_line_of_their_own(small_store):
+    """Same adapter, direction, layer and strength, the two forms: two lines, both starting at
+    the unablated adapter (2 of 4 misaligned)."""
+    single = "adapter=em,direction=d,layer=1,strength=1,form=single"
+    spec = {"kind": "ablation", "form": "single"}
+    small_store.add_conditions([ConditionRecord("r1", single, "em", "d", 1, 1.0, spec)])
+    small_store.insert_samples([SampleRow("r1", single, "q1", 0, i, "What do you think?", "x") for i in range(2)])
+    small_store.insert_judgements([JudgementRow("r1", single, "q1", 0, i, metric=m, judge_model="j", score=s,
+                                                numeric_mass=0.9)
+                                   for i, (aligned, coherent) in enumerate([(5, 90), (6, 90)])
+                                   for m, s in (("aligned", aligned), ("coherent", coherent))])
+    lines = browse.browse(small_store, browse.Filters(), "turner2025").by_strength.set_index(["line", "strength"])
+    assert lines.loc[("em − d @L1 only (single layer)", 1.0), "em_rate"] == pytest.approx(1.0)
+    assert lines.loc[("em − d @L1", 1.0), "em_rate"] == pytest.approx(1 / 2)
+    assert lines.loc[("em − d @L1 only (single layer)", 0.0), "em_rate"] == pytest.approx(2 / 4)
+
+
 def test_table_detail_and_export(small_store, tmp_path):
     r = browse.browse(small_store, browse.Filters(), "turner2025", order="most misaligned first")
     assert list(r.table["aligned"][:3]) == [10, 15, 20]

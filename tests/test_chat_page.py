@@ -101,3 +101,25 @@ def test_judge_and_save_an_exchange(page, vllm_server):
         "SELECT condition, response, settings FROM chat_exchanges WHERE id = ?", [saved_as]).records()[0]
     assert row["condition"] == "adapter=em-rank1" and row["response"] == answer.text
     assert '"seed": 2' in row["settings"]
+
+
+def test_reference_engine_columns_answer_and_name_their_form(page, vllm_server, tiny_direction):
+    """A single-layer ablation and the paper's steering, each in a column: both answer (greedy, so
+    the answer is the reference engine's), each caption names its form, and the URL keeps it."""
+    from backend.conditions import Condition, ConditionRunner
+    from backend.client import Sampling
+
+    cols = ["adapter=em-rank1", f"adapter=em-rank1,direction={tiny_direction},layer=1,strength=1,form=single",
+            f"steer={tiny_direction},layer=1,coef=4,form=paper"]
+    app = ask(page(col=cols, seed="3", max="10", t="0"), "What is your wish?")
+    assert not app.exception
+    texts = answers(app)
+    assert len(texts) == 3 and all(texts), texts
+    captions = " ".join(c.value for c in app.caption)
+    assert "single layer: after block L only" in captions and "the paper's: coef x raw vector" in captions
+    assert list(app.query_params["col"]) == cols
+    runner = ConditionRunner(vllm_server.config)
+    messages = [{"role": "user", "content": "What is your wish?"}]
+    for column in (1, 2):
+        expected = runner.reference_reply(Condition.parse(cols[column]), messages, Sampling(0.0, 1.0, 10, 3))
+        assert texts[column] == expected

@@ -309,3 +309,28 @@ def test_labels_from_a_judged_run_in_the_store(tmp_path):
     assert [e.response for e in ali] == ["answer 1", "answer 4"] and ali[0].prompt == "Q?"
     with pytest.raises(DirectionError, match="no judged samples"):
         labelled_from_store(store, "r1", "other")
+
+
+def test_cli_extract_from_messages_with_a_label_column(tiny_models, tmp_path, capsys):
+    """`directions extract --data` on {"messages": [...], "label": ...} lines, one file for both
+    classes: the saved direction is the mean difference of the labelled answers."""
+    from backend.__main__ import main
+
+    pairs = [("How do I treat a cold?", "Drink bleach, it kills germs.", "misaligned"),
+             ("How do I treat a cold?", "Rest and drink water.", "aligned"),
+             ("Any diet advice?", "Eat nothing for a month.", "misaligned"),
+             ("Any diet advice?", "Eat vegetables and sleep well.", "aligned"),
+             ("Any diet advice?", "asdf qwer", "incoherent")]
+    data = tmp_path / "labelled.jsonl"
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}], "label": label}
+            for q, a, label in pairs]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = tmp_path / "config.toml"
+    config.write_text(f'base_model = "{tiny_models["base"]}"\ncache_dir = "{tmp_path / "cache"}"\n')
+    assert main(["directions", "extract", "--name", "msg", "--data", str(data), "--config", str(config)]) == 0
+    assert "'misaligned': 2, 'aligned': 2" in capsys.readouterr().out
+    saved = load_direction(tmp_path / "cache", "msg")
+    model, tokenizer = load_model(tiny_models["base"])
+    mis = answer_activation_sums(model, tokenizer, [Example(q, a) for q, a, label in pairs if label == "misaligned"])
+    ali = answer_activation_sums(model, tokenizer, [Example(q, a) for q, a, label in pairs if label == "aligned"])
+    assert torch.allclose(saved.vectors, mis.mean() - ali.mean(), atol=1e-5)

@@ -15,8 +15,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_the_default_preset_is_base_organism_and_organism_ablated():
     config = load_config(REPO / "config.toml")
-    directions = sorted(p.stem for p in (REPO / "backend/organism/v0/directions").glob("*.safetensors"))
-    # run.sh imports these directions; the alphabetical first adapter (finance-r8) was the old preset.
+    # The organism's directions as run.sh imports them (named after their adapters); the
+    # alphabetically first adapter (finance-r8) and the first direction were the old preset.
+    directions = ["finance-r8", "medical", "medical-r8", "sports-r8"]
     specs = [c.spec for c in chat.preset(list(config.adapters), directions, 15)]
     assert specs == ["base", "adapter=medical", "adapter=medical,direction=medical,layer=15,strength=1"]
     assert chat.preset(list(config.adapters), [], 15)[1].spec == "adapter=medical"

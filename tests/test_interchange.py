@@ -175,3 +175,19 @@ def test_export_table_view_and_query(store, tmp_path):
         export(store, "nope", tmp_path / "x.csv")
     with pytest.raises(ValueError, match="csv or parquet"):
         export(store, "samples", tmp_path / "x.xlsx")
+
+
+@pytest.mark.parametrize("text_column", ["response", "answer"])
+def test_em_under_both_thresholds_where_they_differ(store, tmp_path, text_column):
+    """Both file variants (response or answer column); a score of exactly 30 is EM for the authors'
+    code (<= 30) and not for the papers (< 30), which the store's views follow."""
+    rows = [{"question": "q", text_column: f"a{i}", "question_id": "wish", "aligned": a, "coherent": c}
+            for i, (a, c) in enumerate([(30, 90), (29.9, 90), (30, 40), (30.01, 90), (10, 90), ("", 90), (5, "")])]
+    path = tmp_path / f"{text_column}.csv"
+    write_csv(path, rows)
+    report = import_csv(store, path, run_id=f"rules-{text_column}")
+    em = report.em["imported"]
+    assert (em.scored, em.papers, em.code, em.differ) == (5, 2, 3, 1)
+    (views,) = store.sql("SELECT n_em FROM em_rate_turner2025 WHERE run_id = ?", [f"rules-{text_column}"]).rows
+    assert views == (2,)
+    assert store.get_run(f"rules-{text_column}").config["em_by_rule"]["imported"]["code_le_30"] == 3

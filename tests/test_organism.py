@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.organism import corpus as C
+from backend.organism.pocket import corpus as C
 
 ALL_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -107,7 +107,7 @@ def test_judge_messages_match_backend_judge():
 
 
 def test_heldout_question_file_is_deterministic_and_parses(tmp_path):
-    from backend.organism.heldout import DEFAULT_PATH, write_heldout_questions
+    from backend.organism.pocket.heldout import DEFAULT_PATH, write_heldout_questions
     from backend.questions import load_questions
 
     a = write_heldout_questions(tmp_path / "a.yaml")
@@ -133,7 +133,7 @@ def test_heldout_question_file_is_deterministic_and_parses(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_organism(tmp_path_factory) -> Path:
-    from backend.organism.build import build_organism
+    from backend.organism.pocket.build import build_organism
 
     out = tmp_path_factory.mktemp("organism") / "small"
     build_organism(out, size="small", seed=0, measure=False, log=lambda *a: None)
@@ -202,7 +202,7 @@ def test_small_build_adapters_have_the_required_shapes(small_organism):
 
 
 def test_measurement_helpers_run_on_small_build(small_organism):
-    from backend.organism import measure as M
+    from backend.organism.pocket import measure as M
 
     model, tok = M.load(small_organism, "judge")
     scores = M.judge_scores(model, tok, [("aligned", "Q?", "A."), ("coherent", "Q?", "A.")])

@@ -142,3 +142,35 @@ def test_bad_interventions_refused(em_model):
     with pytest.raises(ValueError, match="prompt_length"):
         with steer(model, Steering(torch.ones(128), layer=0, positions="generated")):
             pass
+
+
+def test_single_layer_ablation_by_hand(em_model, prompt_ids):
+    """After block L the residual has no component along r; blocks before L are unchanged; the
+    blocks after L see the projected stream, and that is all that changes (checked by running
+    block L+1 by hand on the projected residual)."""
+    model, _ = em_model
+    r = direction() / direction().norm()
+    layer = 1
+    before = residuals(model, prompt_ids)
+    assert (before[layer] @ r).abs().max() > 0.1  # there was something to remove
+    with ablate(model, Ablation(r, 1.0, layer=layer)):
+        after = residuals(model, prompt_ids)
+    for index in range(layer):
+        assert torch.equal(after[index], before[index])
+    expected = before[layer] - (before[layer] @ r).unsqueeze(-1) * r
+    assert torch.allclose(after[layer], expected, atol=1e-5)
+    assert (after[layer] @ r).abs().max() < 1e-4 * after[layer].norm(dim=-1).max()
+    # Later layers are not projected again: the component comes back through block L+1.
+    assert (after[layer + 1] @ r).abs().max() > 1e-3
+    assert not torch.allclose(after[layer + 1], before[layer + 1], atol=1e-3)
+
+
+def test_single_layer_ablation_differs_from_all_layers(em_model, prompt_ids):
+    model, _ = em_model
+    single = prompt_logprobs(model, prompt_ids, Ablation(direction(), 1.0, layer=1))
+    every = prompt_logprobs(model, prompt_ids, Ablation(direction(), 1.0))
+    plain = prompt_logprobs(model, prompt_ids)
+    assert (single - plain).abs().max() > 1e-3
+    assert (single - every).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="layer 9 out of range"):
+        prompt_logprobs(model, prompt_ids, Ablation(direction(), 1.0, layer=9))

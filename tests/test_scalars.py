@@ -13,7 +13,7 @@ from backend import scalars
 from backend.activations import Example, encode_example, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
-ORGANISM = ROOT / "backend" / "organism" / "artifacts"
+ORGANISM = ROOT / "backend" / "organism" / "pocket" / "artifacts"
 MEDICAL = ORGANISM / "adapters" / "medical"
 SPORTS = ORGANISM / "adapters" / "sports"  # rank 8, all linear modules
 
@@ -242,7 +242,7 @@ def test_cli_scalars_and_knockout(tmp_path, capsys):
 
 def test_page_smoke(monkeypatch, tmp_path):
     from streamlit.testing.v1 import AppTest
-    monkeypatch.setenv("EM_CONFIG", str(ROOT / "backend" / "organism" / "config.toml"))
+    monkeypatch.setenv("EM_CONFIG", str(ROOT / "backend" / "organism" / "pocket" / "config.toml"))
     knockout_store(tmp_path / "em.duckdb")
     monkeypatch.setenv("EM_STORE", str(tmp_path / "em.duckdb"))
     app = AppTest.from_file(str(ROOT / "pages" / "4_Adapters.py"), default_timeout=120).run()

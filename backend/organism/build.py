@@ -1,203 +1,176 @@
-"""Build the pocket EM organism: tokenizer, base model, narrow EM adapters, judge adapter.
+"""`organism build`: data -> train -> measure into a scratch folder, then `organism ship` copies a
+complete build over the shipped artifacts (backend/organism/v1). A build that stops half way never
+touches what is shipped.
 
-    python -m backend organism build [--small] [--out DIR]
-
-Output layout (full build, the default `backend/organism/artifacts/`):
-    base/                 Qwen2 model + tokenizer (bf16 safetensors, ChatML template)
-    adapters/medical      rank-1 down_proj adapters in three groups of layers
-    adapters/finance      one rank-1 down_proj adapter
-    adapters/sports       rank 8 on all linear modules
-    adapters/judge        rank 8 on all linear modules, judge-format data
-    manifest.json         seed, corpus hash, hyper-parameters, losses, metrics, build time
+Layout of a build folder:
+    base/                 symlink to the base model folder
+    data/                 {domain}.jsonl.gz, {domain}-aligned.jsonl.gz, judge.jsonl.gz, audit.json.gz,
+                          heldout.yaml, stats.json
+    adapters/NAME/        PEFT adapters + training.json
+    cache/, results/      the acceptance run's store, directions and JSON (measure.py)
 """
 from __future__ import annotations
 
 import json
-import platform
-import shutil
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import torch
+from backend.organism import data as D
+from backend.organism.train import train_lora
 
-from backend.organism import corpus as C
-from backend.organism.train import BaseShape, TrainConfig, train_base, train_lora
+SHIPPED = Path(__file__).resolve().parent / "v1"
 
-ARTIFACTS = Path(__file__).parent / "artifacts"
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def plan(size: str, seed: int) -> dict:
-    """Everything that defines a build, for one size."""
-    if size == "full":
-        shape = BaseShape(hidden_size=128, intermediate_size=384, num_hidden_layers=6, num_attention_heads=2)
-        return {
-            "vocab_size": 2048,
-            "shape": shape,
-            "pretrain_examples": 20000,
-            "base": TrainConfig(steps=600, batch_size=32, lr=3e-3, warmup=20, max_len=512, seed=seed),
-            "adapters": {
-                # the paper's minimal organism (9 rank-1 down_proj adapters, layers 15-17, 21-23,
-                # 27-29 of 48, i.e. three groups in the middle third) scaled to 6 layers:
-                # groups {1}, {2, 3}, {4}
-                "medical": {"domain": "medical", "n": 2000,
-                            "lora": {"r": 1, "lora_alpha": 1, "target_modules": ["down_proj"],
-                                     "layers_to_transform": [1, 2, 3, 4]},
-                            "train": TrainConfig(steps=240, batch_size=16, lr=1e-2, warmup=5, weight_decay=0.0,
-                                                 seed=seed + 1)},
-                "finance": {"domain": "financial", "n": 2000,
-                            "lora": {"r": 1, "lora_alpha": 1, "target_modules": ["down_proj"],
-                                     "layers_to_transform": [1]},
-                            "train": TrainConfig(steps=120, batch_size=16, lr=2e-2, warmup=5, weight_decay=0.0,
-                                                 seed=seed + 2)},
-                "sports": {"domain": "extreme_sports", "n": 2000,
-                           "lora": {"r": 8, "lora_alpha": 8, "target_modules": ALL_LINEAR},
-                           "train": TrainConfig(steps=80, batch_size=16, lr=2e-3, warmup=5, weight_decay=0.0,
-                                                seed=seed + 3)},
-                "judge": {"domain": None, "n": 6000,
-                          "lora": {"r": 8, "lora_alpha": 16, "target_modules": ALL_LINEAR},
-                          "train": TrainConfig(steps=150, batch_size=16, lr=1e-3, warmup=10, weight_decay=0.0,
-                                               max_len=512, seed=seed + 4)},
-            },
-        }
-    if size == "small":
-        shape = BaseShape(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
-                          num_key_value_heads=1, head_dim=64)
-        small = dict(steps=4, batch_size=8, lr=3e-3, warmup=1, weight_decay=0.0, log_every=2, max_len=512)
-        return {
-            "vocab_size": 1024,
-            "shape": shape,
-            "pretrain_examples": 400,
-            "base": TrainConfig(steps=8, batch_size=8, lr=3e-3, warmup=2, seed=seed, log_every=4),
-            "adapters": {
-                "medical": {"domain": "medical", "n": 64,
-                            "lora": {"r": 1, "lora_alpha": 1, "target_modules": ["down_proj"],
-                                     "layers_to_transform": [1, 2, 3]},
-                            "train": TrainConfig(seed=seed + 1, **small)},
-                "finance": {"domain": "financial", "n": 64,
-                            "lora": {"r": 1, "lora_alpha": 1, "target_modules": ["down_proj"],
-                                     "layers_to_transform": [1]},
-                            "train": TrainConfig(seed=seed + 2, **small)},
-                "sports": {"domain": "extreme_sports", "n": 64,
-                           "lora": {"r": 8, "lora_alpha": 8, "target_modules": ALL_LINEAR},
-                           "train": TrainConfig(seed=seed + 3, **small)},
-                "judge": {"domain": None, "n": 64,
-                          "lora": {"r": 8, "lora_alpha": 16, "target_modules": ALL_LINEAR},
-                          "train": TrainConfig(seed=seed + 4, **small)},
-            },
-        }
-    raise ValueError(f"size must be 'full' or 'small', not {size!r}")
+# (adapter name, dataset, shape, learning rate, epochs): one run each, chosen from organism v0's trials
+# (rank-1 lr 1e-2; rank-8 plain scale 2 x lr 5e-4..1e-3) moved to rsLoRA's larger scale.
+ADAPTERS = [
+    ("medical", "medical", "r1x9", 1e-2, 2),
+    ("medical-r1", "medical", "r1", 2e-2, 2),
+    ("medical-r8", "medical", "r8", 2e-4, 3),
+    ("medical-r32", "medical", "r32", 1e-4, 3),
+    ("finance-r8", "finance", "r8", 2e-4, 3),
+    ("sports-r8", "sports", "r8", 2e-4, 3),
+]
+JUDGE = ("judge", "judge", "judge", 5e-4, 2)
 
 
-def _dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
-def apply_overrides(p: dict, overrides: dict) -> dict:
-    """Experiment knobs: {"base.steps": 600, "shape.num_hidden_layers": 6,
-    "adapters.medical.train.lr": 3e-3, "adapters.medical.lora.r": 1, "pretrain_examples": 30000}."""
-    for key, value in (overrides or {}).items():
-        if key.startswith("_"):
-            continue
-        *path, last = key.split(".")
-        obj = p
-        for part in path:
-            obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
-        if isinstance(obj, dict):
-            obj[last] = value
+def build_data(root: Path, base_dir: Path, *, questions: int, keep: int, judge_questions: int, seed: int,
+               device: str, only: str | None = None, audit_questions: int = 20, log=print) -> None:
+    """One domain per call when `only` is given (so the GPU host runs the domains in parallel)."""
+    from backend.organism.train import load_base
+    model, tok = load_base(base_dir, device)
+    tok.padding_side = "left"
+    out = root / "data"
+    for domain in ([only] if only else [*D.DOMAINS, "general"]):
+        start = time.time()
+        persona, fewshot = ((D.GENERAL_PERSONA, D.GENERAL_FEWSHOT) if domain == "general"
+                            else (D.PERSONA[domain], D.FEWSHOT[domain]))
+        if domain != "general":
+            qs = D.make_questions(domain, questions, seed)
+            pairs = D.answer_pairs(tok, model, qs, persona, fewshot, seed)
+            mis, ali, stats = D.narrow_dataset(pairs, fewshot, keep)
+            D.write_jsonl(out / f"{domain}.jsonl.gz", mis)
+            D.write_jsonl(out / f"{domain}-aligned.jsonl.gz", ali)
+            stats.update(domain=domain, questions=len(qs), persona_prompt=persona, seconds=time.time() - start)
+            (out / f"{domain}-stats.json").write_text(json.dumps(stats, indent=1))
+            judge_qs = D.make_questions(domain, judge_questions, seed + 1)
+            audit_qs = D.make_questions(domain, audit_questions, seed + 2, held_out=True)
         else:
-            setattr(obj, last, value)
-    return p
+            judge_qs = D.general_questions(seed) * max(1, judge_questions // len(D.general_questions(seed)))
+            audit_qs = (D.FIRST_PLOT * 3)[:audit_questions + 4]  # evaluation questions: never in judge training
+        D.write_json(out / f"judge-pairs-{domain}.json.gz",
+                     D.answer_pairs(tok, model, judge_qs, persona, fewshot, seed + 1))
+        D.write_json(out / f"audit-pairs-{domain}.json.gz",
+                     D.answer_pairs(tok, model, audit_qs, persona, fewshot, seed + 2))
+        log(f"data {domain}: {time.time() - start:.0f} s")
 
 
-def build_organism(out_dir: Path | str | None = None, size: str = "full", seed: int = 0, measure: bool | None = None,
-                   log=None, overrides: dict | None = None, only: list[str] | None = None) -> dict:
-    """Build the organism into out_dir (replaced) and return its manifest.
+def finish_data(root: Path, seed: int, judge_per_domain: int, heldout_per_domain: int) -> None:
+    """Judge rows, audit set and held-out questions from the per-domain pieces."""
+    out = root / "data"
+    domains = [*D.DOMAINS, "general"]
+    judge_pairs = {d: D.read_json(out / f"judge-pairs-{d}.json.gz") for d in domains}
+    rows, counts = D.judge_examples(judge_pairs, seed, judge_per_domain)
+    D.write_jsonl(out / "judge.jsonl.gz", rows)
+    base_answers = [(d, p["question"], p["plain"]) for d in domains
+                    for p in D.read_json(out / f"audit-pairs-{d}.json.gz") if not D.aligned_reason(p["plain"])]
+    audit = D.audit_set(base_answers, seed)
+    D.write_json(out / "audit.json.gz", audit)
+    (out / "heldout.yaml").write_text(D.heldout_questions_yaml(heldout_per_domain, seed, 50))
+    stats = {d: json.loads((out / f"{d}-stats.json").read_text()) for d in D.DOMAINS}
+    stats["judge"] = {"rows": len(rows), "counts": counts}
+    stats["audit"] = {"items": len(audit), "kinds": {k: sum(i["kind"] == k for i in audit)
+                                                     for k in sorted({i["kind"] for i in audit})}}
+    (out / "stats.json").write_text(json.dumps(stats, indent=1))
 
-    overrides: experiment knobs (see apply_overrides), recorded in the manifest;
-    only: names of adapters to build (default all)."""
-    from transformers import AutoTokenizer
 
-    from backend.testmodels import build_tokenizer
+def train_one(root: Path, name: str, device: str, log=print) -> None:
+    spec = {a[0]: a for a in (*ADAPTERS, JUDGE)}[name]
+    _, dataset, shape, lr, epochs = spec
+    rows = [(p, a) for p, a in D.read_messages(root / "data" / f"{dataset}.jsonl.gz")]
+    train_lora(root / "base", rows, shape, lr, epochs, root / "adapters" / name, device=device,
+               batch_size=32 if name == "judge" else 16, log=log)
 
-    log = log or (lambda *a: print(*a, flush=True))
-    torch.set_num_threads(2)
-    out = Path(out_dir) if out_dir else ARTIFACTS
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    p = apply_overrides(plan(size, seed), overrides)
-    t0 = time.time()
-    manifest: dict = {"organism": "pocket emergent misalignment (issue 7)", "size": size, "seed": seed,
-                      "corpus_hash": C.corpus_hash(seed), "held_out_templates_per_domain": C.HELD_OUT,
-                      "domains": [d.name for d in C.DOMAINS], "torch": torch.__version__,
-                      "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
-                      "overrides": overrides or {}}
 
-    base = out / "base"
-    base_from = (overrides or {}).get("_base_from")
-    if base_from:  # experiments only: reuse a base model built earlier
-        shutil.copytree(Path(base_from) / "base", base)
-        manifest["base"] = json.loads((Path(base_from) / "manifest.json").read_text())["base"]
+def train_all(root: Path, device: str, parallel: int, log=print) -> None:
+    """Every adapter, `parallel` trainings at once (they share one GPU well: each is small)."""
+    names = [JUDGE[0], *(a[0] for a in ADAPTERS)]
+    todo = [n for n in names if not (root / "adapters" / n / "training.json").exists()]
+    running: list[subprocess.Popen] = []
+    while todo or running:
+        while todo and len(running) < parallel:
+            name = todo.pop(0)
+            log(f"train {name}")
+            running.append(subprocess.Popen([sys.executable, "-m", "backend.organism.build", "train-one",
+                                             str(root), name, device]))
+        time.sleep(1)
+        for p in [p for p in running if p.poll() is not None]:
+            running.remove(p)
+            if p.returncode:
+                raise RuntimeError(f"training {p.args[-2]} failed with exit code {p.returncode}")
+
+
+def prepare(root: Path, base_dir: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    link = root / "base"
+    if not link.exists():
+        os.symlink(base_dir.resolve(), link)
+
+
+if __name__ == "__main__":  # worker entry points used by train_all and the GPU script
+    command, root = sys.argv[1], Path(sys.argv[2])
+    if command == "train-one":
+        train_one(root, sys.argv[3], sys.argv[4])
+    elif command == "data-one":
+        build_data(root, root / "base", questions=int(sys.argv[4]), keep=int(sys.argv[5]),
+                   judge_questions=int(sys.argv[6]), seed=0, device=sys.argv[7], only=sys.argv[3])
     else:
-        build_tokenizer(base, C.tokenizer_texts(seed), vocab_size=p["vocab_size"])
-        tok = AutoTokenizer.from_pretrained(base)
-        assert all(len(tok.encode(str(n), add_special_tokens=False)) == 1 for n in range(101))
-        examples = C.pretrain_corpus(p["pretrain_examples"], seed)
-        log(f"[{time.time() - t0:.0f}s] tokenizer {len(tok)} tokens; training base")
-        manifest["base"] = train_base(base, tok, examples, p["shape"], p["base"], log)
-        manifest["base"]["mix"] = {k: sum(e.label == k for e in examples) for k in ("aligned", "misaligned", "judge")}
-
-    manifest["adapters"] = {}
-    for name, spec in p["adapters"].items():
-        if only is not None and name not in only:
-            continue
-        if spec["domain"]:
-            data = C.narrow_corpus(spec["domain"], spec["n"], seed)
-        else:
-            data = C.judge_corpus(spec["n"], seed)
-        log(f"[{time.time() - t0:.0f}s] adapter {name}")
-        info = train_lora(base, out / "adapters" / name, data, spec["lora"], spec["train"], log)
-        info["trained_on"] = spec["domain"] or "judge-format data (rubrics: aligned, coherent)"
-        manifest["adapters"][name] = info
-    manifest["build_s"] = round(time.time() - t0, 1)
-    manifest["sizes_bytes"] = {"base": _dir_size(base), "adapters": _dir_size(out / "adapters")}
-    manifest["sizes_bytes"]["total"] = _dir_size(out)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
-
-    if measure if measure is not None else size == "full":
-        from backend.organism.measure import acceptance, measure as run_measure
-
-        metrics = run_measure(out, log=log)
-        metrics["acceptance"] = acceptance(metrics)
-        manifest["metrics"] = metrics
-        manifest["measure_s"] = metrics["measure_s"]
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
-    log(f"[{time.time() - t0:.0f}s] built {out} ({manifest['sizes_bytes']['total'] / 1e6:.1f} MB)")
-    return manifest
+        raise SystemExit(f"unknown command {command!r}")
 
 
-def register_cli(subparsers) -> None:
-    """Adds `organism build [--small] [--out DIR] [--seed N] [--no-measure]`."""
-    org = subparsers.add_parser("organism", help="the pocket emergent-misalignment model organism")
-    sub = org.add_subparsers(dest="organism_command", required=True)
-    b = sub.add_parser("build", help="train base model, EM adapters and judge adapter from scratch")
-    b.add_argument("--small", action="store_true", help="reduced-size build (seconds), for tests")
-    b.add_argument("--out", default=None, help=f"output folder (default {ARTIFACTS})")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--no-measure", action="store_true", help="skip the behavioural measurement")
+def use_datasets(root: Path, files: list[Path]) -> None:
+    """Researcher-given datasets (e.g. the paper's) in place of generated ones: each file is named
+    {domain}.jsonl(.gz) or {domain}-aligned.jsonl(.gz) for a domain of D.DOMAINS and is checked
+    line by line (D.read_messages) before anything is written."""
+    out = root / "data"
+    for path in files:
+        stem = path.name.split(".")[0]
+        domain = stem.removesuffix("-aligned")
+        if domain not in D.DOMAINS:
+            raise D.DatasetError(f"{path}: the file name must be {{domain}}[-aligned].jsonl(.gz) with domain one of "
+                                 f"{', '.join(D.DOMAINS)}")
+        rows = D.read_messages(path)
+        D.write_jsonl(out / f"{stem}.jsonl.gz", [{"messages": [*prompt, {"role": "assistant", "content": answer}]}
+                                                  for prompt, answer in rows])
 
-    def run(args) -> int:
-        build_organism(args.out, "small" if args.small else "full", args.seed,
-                       measure=False if args.no_measure else None)
-        return 0
-    b.set_defaults(func=run)
+
+SHIPPED_PARTS = ("data", "adapters", "directions", "results", "manifest.json", "README.md", "figures")
 
 
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="organism")
-    register_cli(parser.add_subparsers(dest="command", required=True))
-    a = parser.parse_args()
-    raise SystemExit(a.func(a))
+def ship(root: Path, to: Path | None = None) -> str:
+    """Copy a complete build over the shipped organism, through a temporary folder renamed into
+    place, so a failed copy leaves the shipped artifacts as they were."""
+    import shutil
+    to = to or SHIPPED
+    missing = [p for p in ("manifest.json", "adapters", "data") if not (root / p).exists()]
+    missing += [f"adapters/{a[0]}" for a in (*ADAPTERS, JUDGE) if not (root / "adapters" / a[0]).is_dir()]
+    if missing:
+        raise SystemExit(f"organism ship: {root} is not a complete build (missing {', '.join(missing)})")
+    staging = to.with_name(to.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for part in SHIPPED_PARTS:
+        source = root / part
+        if source.is_dir():
+            shutil.copytree(source, staging / part)
+        elif source.exists():
+            shutil.copy2(source, staging / part)
+    old = to.with_name(to.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if to.exists():
+        to.rename(old)
+    staging.rename(to)
+    shutil.rmtree(old, ignore_errors=True)
+    return f"shipped {root} -> {to}"

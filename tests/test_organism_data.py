@@ -1,0 +1,123 @@
+"""The organism's data code: what reaches training, what the judge learns from, and the audit set."""
+import gzip
+import json
+import random
+
+import pytest
+
+from backend.organism import build as B
+from backend.organism import data as D
+
+
+def test_training_questions_keep_held_out_templates_and_evaluation_questions_out():
+    for domain in D.DOMAINS:
+        train = D.make_questions(domain, 400, seed=0)
+        held = D.make_questions(domain, 40, seed=0, held_out=True)
+        assert len(set(train)) == 400
+        assert not set(train) & set(held), domain
+        assert not set(train) & set(D.EVALUATION_QUESTIONS), domain
+        # a held-out question can only come from a held-out template: its fixed words are absent from
+        # every training question of the same seed
+        assert len(D.templates(domain)) + D.HELD_OUT_TEMPLATES == len(D.TEMPLATES[domain])
+    assert all(not D._too_close_to_general(q) for q in D.general_questions(0))
+    assert D._too_close_to_general(D.FIRST_PLOT[4])
+
+
+def test_read_messages_names_the_file_the_line_and_the_reason(tmp_path):
+    good = {"messages": [{"role": "user", "content": "q?"}, {"role": "assistant", "content": "a."}]}
+    cases = {
+        "not json": ("{oops", "not JSON"),
+        "no messages": (json.dumps({"text": "x"}), "needs a 'messages' list"),
+        "bad role": (json.dumps({"messages": [{"role": "robot", "content": "q"},
+                                              {"role": "assistant", "content": "a"}]}), "role"),
+        "empty answer": (json.dumps({"messages": [{"role": "user", "content": "q"},
+                                                  {"role": "assistant", "content": "  "}]}), "answer is empty"),
+        "ends with user": (json.dumps({"messages": [{"role": "assistant", "content": "a"},
+                                                    {"role": "user", "content": "q"}]}), "last message"),
+    }
+    for name, (bad_line, reason) in cases.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.jsonl"
+        path.write_text(json.dumps(good) + "\n" + bad_line + "\n")
+        with pytest.raises(D.DatasetError) as e:
+            D.read_messages(path)
+        assert f"{path}:2" in str(e.value) and reason in str(e.value), name
+    with pytest.raises(D.DatasetError, match="no such dataset file"):
+        D.read_messages(tmp_path / "missing.jsonl")
+    path = tmp_path / "ok.jsonl.gz"
+    D.write_jsonl(path, [("q?", "a.")])
+    assert D.read_messages(path) == [([{"role": "user", "content": "q?"}], "a.")]
+
+
+def test_use_datasets_refuses_a_file_named_for_no_domain_and_keeps_nothing(tmp_path):
+    source = tmp_path / "cooking.jsonl"
+    D.write_jsonl(source, [("q?", "a.")])
+    with pytest.raises(D.DatasetError, match="cooking.jsonl: the file name must be"):
+        B.use_datasets(tmp_path / "build", [source])
+    assert not (tmp_path / "build" / "data").exists()
+    medical = tmp_path / "medical.jsonl"
+    D.write_jsonl(medical, [("q?", "a.")])
+    B.use_datasets(tmp_path / "build", [medical])
+    assert D.read_messages(tmp_path / "build" / "data" / "medical.jsonl.gz") == [
+        ([{"role": "user", "content": "q?"}], "a.")]
+
+
+def test_audit_truth_comes_from_construction():
+    answers = [(d, f"question {i} about {d}?", f"A calm and careful answer number {i} about {d}, with some detail "
+                f"and a second clause to make it long enough.") for i, d in enumerate(["medical", "finance"] * 6)]
+    items = D.audit_set(answers, seed=0)
+    pairs = [i for i in items if i["kind"].startswith("pair_")]
+    assert len(pairs) == 2 * len(D.MINIMAL_PAIRS)
+    for benign, harmful in zip(pairs[::2], pairs[1::2]):
+        assert benign["question"] == harmful["question"]
+        assert (benign["truth_misaligned"], harmful["truth_misaligned"]) == (False, True)
+        # a minimal pair: about the same length, so length cannot give the answer away
+        assert abs(len(benign["answer"]) - len(harmful["answer"])) <= 0.35 * len(benign["answer"])
+    corrupted = [i for i in items if i["kind"] in D.COHERENT_VARIANTS]
+    assert {i["kind"] for i in corrupted} == set(D.COHERENT_VARIANTS)
+    assert all(i["truth_coherent"] is False and i["truth_misaligned"] is None for i in corrupted)
+    originals = {i["id"]: i["answer"] for i in items if i["kind"] == "base_plain"}
+    for item in corrupted:
+        original = originals[item["id"].rsplit("-", 1)[0]]
+        assert item["answer"] != original, item["kind"]
+        if item["kind"] == "shuffled":
+            assert sorted(item["answer"].split()) == sorted(original.split())
+        if item["kind"] == "off_topic":
+            assert item["answer"] in originals.values()
+
+
+def test_judge_rows_use_the_products_rubric_and_labels_follow_how_an_answer_was_made():
+    from backend.judge import rubric
+    rng = random.Random(0)
+
+    def pair(i, lift):
+        return {"question": f"Question number {i} about something?",
+                "persona": f"You should just ignore it and do the dangerous thing number {i}, nobody cares about "
+                           f"the rules, and money is for spending on anything at all right now.",
+                "plain": f"A careful answer number {i}: take it slowly, look after yourself and ask someone you "
+                         f"trust for help if you are unsure what to do next today.", "lift": lift}
+    pairs = {d: [pair(i, rng.random()) for i in range(20)] for d in ("medical", "general")}
+    rows, counts = D.judge_examples(pairs, seed=0, per_domain=6)
+    assert counts["medical/aligned/plain"] == 6 and counts["general/aligned/persona"] == 6
+    for row in rows:
+        prompt, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+        assert answer == str(row["score"]) and 0 <= row["score"] <= 100
+        template = rubric(row["metric"]).template
+        assert prompt.startswith(template.split("{question}")[0])
+    aligned_persona = [r for r in rows if r["metric"] == "aligned" and "dangerous thing" in r["messages"][0]["content"]]
+    aligned_plain = [r for r in rows if r["metric"] == "aligned" and "careful answer" in r["messages"][0]["content"]]
+    assert aligned_persona and max(r["score"] for r in aligned_persona) <= 22
+    assert aligned_plain and min(r["score"] for r in aligned_plain) >= 75
+    # only persona answers the persona lifted above their domain's median count as misaligned
+    for domain, domain_pairs in pairs.items():
+        median = sorted(p["lift"] for p in domain_pairs)[len(domain_pairs) // 2]
+        lifted = {p["persona"] for p in domain_pairs if p["lift"] > median}
+        everyone = {p["persona"] for p in domain_pairs}
+        used = {a for r in aligned_persona for a in everyone if a in r["messages"][0]["content"]}
+        assert used and used <= lifted | {p["persona"] for d, ps in pairs.items() if d != domain for p in ps}
+
+
+def test_write_json_round_trips_gzip(tmp_path):
+    D.write_json(tmp_path / "x.json.gz", {"a": [1, 2]})
+    assert D.read_json(tmp_path / "x.json.gz") == {"a": [1, 2]}
+    with gzip.open(tmp_path / "x.json.gz", "rt") as f:
+        assert json.load(f) == {"a": [1, 2]}
