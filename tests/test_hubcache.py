@@ -138,7 +138,7 @@ def test_landing_page_loads_a_training_checkpoint(monkeypatch, vllm_server, hub_
     config_path = tmp_path / "config.toml"
     config_path.write_text(server_config + f'\n[adapters.paper]\nhub = "org/em-medical"\ncache_dir = "{hub_cache}"\n')
     monkeypatch.setenv("EM_CONFIG", str(config_path))
-    app = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=60).run()
+    app = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "Home.py"), default_timeout=60).run()
     assert not app.exception
     assert app.selectbox(key="checkpoint-paper").options == ["checkpoint-5"]
     registry = vllm_server.registry
