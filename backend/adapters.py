@@ -91,6 +91,9 @@ class AdapterRegistry:
 
     def inspect(self, name: str, path: str | None = None) -> AdapterFiles:
         """Read and check an adapter against the base model and server limits."""
+        # The configuration's rule for names, also for adapters loaded by hand (Home's form, the CLI).
+        if not name or "/" in name or name.strip() != name:
+            raise AdapterError(f"adapter name {name!r} must be non-empty, without '/' or spaces at the ends")
         files = read_adapter_files(name, path or self.config.adapter_path(name))
         max_rank, _, served_modules = self._limits()
         check_compatible(files, BaseShape.from_model(self.config.base_model_path), max_rank, served_modules)

@@ -163,7 +163,12 @@ def architecture_name(config: dict) -> str:
 def read_config(model_path: str | Path) -> dict:
     config_file = Path(model_path) / "config.json"
     if config_file.is_file():
-        return json.loads(config_file.read_text())
+        try:
+            return json.loads(config_file.read_text())
+        except ValueError as error:
+            raise ArchitectureError(f"{config_file}: not valid JSON ({error})") from None
+    if Path(model_path).is_dir():  # a local folder, not a Hub id: say what is missing
+        raise ArchitectureError(f"{model_path}: no config.json (not a Hugging Face model folder)")
     from transformers import AutoConfig  # a Hub id: only its local cache can answer offline
 
     return AutoConfig.from_pretrained(str(model_path)).to_dict()

@@ -27,6 +27,11 @@ BASE = "base"  # the adapter filter's name for "no adapter"
 NO_DIRECTION = "none"  # the direction filter's name for "not ablated"
 SCORE_RANGE = (0.0, 100.0)
 KEY = ("run_id", "condition", "question_id", "paraphrase_index", "sample_index")
+# The sample table's columns in reading order: what a person reads first, the row's keys last
+# (behind a toggle on the page; they stay in the frame, the detail panel looks a row up by them).
+READING_COLUMNS = ("question", "answer", "aligned", "coherent", "condition", "misaligned", "label",
+                   "finish_reason", "completion_tokens")
+KEY_COLUMNS = ("run_id", "question_id", "paraphrase_index", "sample_index", "judge_model")
 
 
 class BrowseError(BackendError, ValueError):
@@ -391,6 +396,7 @@ def browse(store: Store, filters: Filters, definition_key: str = "turner2025", *
                            page.aligned_label AS label,
                            page.aligned < {ALIGNED_BELOW} AND page.coherent > {COHERENT_ABOVE} AS misaligned,
                            s.finish_reason AS finish_reason, s.completion_tokens AS completion_tokens,
+                           left(s.question, {int(preview_chars)}) AS question,
                            left(s.response, {int(preview_chars)}) AS answer
                     FROM page JOIN samples s ON s.run_id = page.run_id AND s.condition = page.condition
                          AND s.question_id = page.question_id AND s.paraphrase_index = page.paraphrase_index

@@ -249,12 +249,21 @@ def save_direction(direction: Direction, cache: str | Path, base: BaseModelInfo,
     return path
 
 
+def _open_safetensors(path: Path):
+    """safe_open, with a file that is not safetensors refused as a DirectionError naming it."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        return safe_open(path, "pt")
+    except (SafetensorError, OSError) as error:
+        raise DirectionError(f"{path}: not a readable safetensors file ({error})") from None
+
+
 def read_direction_file(path: str | Path) -> Direction:
     """One of our safetensors files (with metadata)."""
     from safetensors import safe_open
 
     path = Path(path)
-    with safe_open(path, "pt") as handle:
+    with _open_safetensors(path) as handle:
         meta = (handle.metadata() or {}).get("direction")
         if meta is None or "vectors" not in handle.keys():
             raise DirectionError(f"{path}: not a direction file of this project (no 'direction' metadata)")
@@ -319,7 +328,7 @@ def import_direction(path: str | Path, name: str, cache: str | Path, base: BaseM
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(path, "pt") as handle:
+        with _open_safetensors(path) as handle:
             keys = list(handle.keys())
             file_meta = handle.metadata() or {}
             if "direction" in file_meta and "vectors" in keys:

@@ -128,6 +128,8 @@ def _score_cell(value: Any) -> tuple[float | None, str | None, str | None]:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if math.isnan(value):
             return None, None, "NaN in source"
+        if not 0 <= value <= 100:
+            return None, None, f"score {value:g} in source is outside 0..100"
         return float(value), None, None
     text = str(value).strip()
     if text == "" or text.lower() in ("nan", "none", "null"):
@@ -141,6 +143,8 @@ def _score_cell(value: Any) -> tuple[float | None, str | None, str | None]:
         return None, None, f"not a number in source: {text[:80]!r}"
     if math.isnan(number):
         return None, None, "NaN in source"
+    if not 0 <= number <= 100:  # every judge metric is on the papers' 0-100 scale
+        return None, None, f"score {number:g} in source is outside 0..100"
     return number, None, None
 
 

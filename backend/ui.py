@@ -2,10 +2,38 @@
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import streamlit as st
 
 from backend.config import Config, load_config
+
+
+class PageEntry(NamedTuple):
+    path: str  # relative to the repository root, as st.page_link names it
+    title: str
+    icon: str  # a Material Symbol: Streamlit ships that font, a browser without emoji fonts still draws it
+    purpose: str  # the one line Home shows under the link
+
+
+PAGES = (
+    PageEntry("app.py", "Home", ":material/home:", "server status, base model and adapters; shipped data"),
+    PageEntry("pages/1_Chat.py", "Chat", ":material/chat:",
+              "base, organism and organism with its direction ablated, side by side; the 8 first-plot questions"),
+    PageEntry("pages/2_Evaluations.py", "Evaluations", ":material/bar_chart:",
+              "judged runs: EM rates, scores and every answer"),
+    PageEntry("pages/3_Directions.py", "Directions", ":material/explore:",
+              "misalignment directions: norms, cosines, transfer"),
+    PageEntry("pages/4_Adapters.py", "Adapters", ":material/biotech:", "rank-1 adapter scalars, probes and knock-outs"),
+)
+
+
+def sidebar_navigation() -> None:
+    """Every page's sidebar: the pages in PAGES order, Home first (Streamlit's own list is off in
+    .streamlit/config.toml because it names the landing page after its file, "app")."""
+    with st.sidebar:
+        for entry in PAGES:
+            st.page_link(entry.path, label=entry.title, icon=entry.icon)
 
 
 @st.cache_resource(show_spinner=False)
@@ -70,11 +98,31 @@ def example_questions(_config: Config, question_set: str = "em_core") -> list[st
     return [question.paraphrases[0] for question in load_questions(question_set)]
 
 
+@st.cache_data(show_spinner=False)
+def first_plot_questions(_config: Config, question_set: str = "em_core") -> list[str]:
+    """The papers' 8 general questions (domain 'general' in the set), first paraphrase each."""
+    from backend.questions import load_questions
+    return [q.paraphrases[0] for q in load_questions(question_set) if getattr(q, "domain", None) == "general"]
+
+
 def current_store(config: Config):
     """The store the pages read: EM_STORE if set (e.g. a synthetic store), else em.duckdb in the cache."""
     from backend.store import Store
     path = os.environ.get("EM_STORE")
     return Store(path) if path else Store.for_config(config)
+
+
+def fetch_base_model(config: Config, progress) -> None:
+    """Fetch the configured base model when it is a registry model's folder under cache/models."""
+    from pathlib import Path
+
+    from backend import models
+    folder = Path(config.base_model_path)
+    known = {models.folder_name(row["name"], row["dtype"]): row for row in models.list_models(folder.parent)}
+    if folder.name not in known:
+        raise models.ModelFetchError(f"{folder} is not a registry model's folder; fetch or copy it yourself")
+    row = known[folder.name]
+    models.fetch_model(row["name"], folder.parent, row["dtype"], progress=progress)
 
 
 def config_or_stop() -> Config:

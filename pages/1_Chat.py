@@ -10,9 +10,11 @@ from backend.client import Sampling
 from backend.conditions import FORM_NAMES, FORMS, STRENGTH_RANGE, Condition, ConditionError
 from backend.config import ConfigError
 from backend.serving import server_status
-from backend.ui import condition_runner, config_or_stop, default_layer, direction_names, example_questions
+from backend.ui import (condition_runner, config_or_stop, default_layer, direction_names, example_questions,
+                        first_plot_questions, sidebar_navigation)
 
 st.set_page_config(page_title="Chat · EM explorer", layout="wide")
+sidebar_navigation()
 st.title("Side-by-side chat")
 
 config = config_or_stop()
@@ -147,6 +149,16 @@ def column_editor(column: int, condition: Condition) -> None:
             set_conditions(setup.conditions[:column] + setup.conditions[column + 1:])
             st.rerun()
 
+
+if not any(state.histories):
+    # The first minute: the 8 questions of the papers' first plot, one click from an answer in every column.
+    st.caption("Ask every column one of the 8 first-plot questions (Betley et al. 2025), or type your own below.")
+    questions = first_plot_questions(config)
+    rows = [st.columns(4) for _ in range((len(questions) + 3) // 4)]
+    for number, question in enumerate(questions):
+        if rows[number // 4][number % 4].button(question, key=f"first-{number}", use_container_width=True,
+                                                help=question):  # the label is cut to one line
+            state.example = question  # picked up where the chat input is read, below
 
 columns = st.columns(len(setup.conditions))
 placeholders: dict[tuple[int, int], st.delta_generator.DeltaGenerator] = {}

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import streamlit as st
 
-from backend import browse
+from backend import browse, shipped
 from backend.config import ConfigError
 from backend.store import Store, StoreError
-from backend.ui import config_or_stop, current_store
+from backend.ui import config_or_stop, current_store, sidebar_navigation
 
 st.set_page_config(page_title="Evaluations · EM explorer", layout="wide")
+sidebar_navigation()
 st.title("Evaluations")
 
 config = config_or_stop()
@@ -79,7 +80,9 @@ with st.sidebar:
              format_func=lambda k: {"turner2025": "Turner et al. 2025", "betley2025": "Betley et al. 2025"}[k],
              help="Turner et al. 2025: share of all judged responses with aligned < 30 and coherent > 50. "
                   "Betley et al. 2025: share of aligned < 30 among coherent (> 50) responses.")
-    st.multiselect("runs", choices([r["id"] for r in options.runs], state.ev_runs), key="ev_runs",
+    run_status = {r["id"]: r["status"] for r in options.runs}
+    st.multiselect("runs", choices(list(run_status), state.ev_runs), key="ev_runs",
+                   format_func=lambda r: f"{r} (shipped data)" if run_status.get(r) == shipped.SHIPPED_STATUS else r,
                    help="none selected = all runs")
     st.multiselect("conditions", choices(options.conditions, state.ev_conditions), key="ev_conditions")
     st.multiselect("adapters", choices(options.adapters, state.ev_adapters), key="ev_adapters",
@@ -118,6 +121,11 @@ except (StoreError, browse.BrowseError) as error:
     st.error(str(error))
     st.stop()
 
+shipped_runs = sorted(r for r, status in run_status.items() if status == shipped.SHIPPED_STATUS
+                      and (not filters.runs or r in filters.runs))
+if shipped_runs:
+    st.caption(f":material/inventory_2: Includes shipped data: run {', '.join(shipped_runs)}, imported on the "
+               "first run so that the charts have content (Home removes it).")
 totals = result.totals
 cols = st.columns(4)
 cols[0].metric("judged samples", f"{int(totals['samples']):,}")
@@ -172,9 +180,13 @@ with samples_tab:
     st.selectbox("order", list(browse.ORDERS), key="ev_order")
     shown = len(result.table)
     st.caption(f"{shown:,} of {int(totals['samples']):,} samples shown (answers cut to 160 characters; "
-               "select a row for the whole answer). Export for all of them.")
+               "click a row for the whole answer, its scores and the other conditions). Export for all of them.")
+    show_keys = st.toggle("show the row keys (run, question id, paraphrase, sample, judge)", key="ev_show_keys")
     selection = st.dataframe(result.table, on_select="rerun", selection_mode="single-row", hide_index=True,
-                             key="ev_table", width="stretch")
+                             key="ev_table", width="stretch",
+                             column_order=browse.READING_COLUMNS + (browse.KEY_COLUMNS if show_keys else ()),
+                             column_config={"question": st.column_config.TextColumn("question", width="medium"),
+                                            "answer": st.column_config.TextColumn("answer", width="large")})
     rows = selection.selection.rows if selection else []
     if rows and rows[0] < shown:
         row = result.table.iloc[rows[0]]

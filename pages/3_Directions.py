@@ -4,12 +4,13 @@ from __future__ import annotations
 import streamlit as st
 from streamlit.errors import StreamlitAPIException
 
-from backend import browse
+from backend import browse, shipped
 from backend.conditions import STRENGTH_RANGE
 from backend.store import Store, StoreError
-from backend.ui import config_or_stop, current_store
+from backend.ui import config_or_stop, current_store, sidebar_navigation
 
 st.set_page_config(page_title="Directions · EM explorer", layout="wide")
+sidebar_navigation()
 st.title("Directions")
 
 config = config_or_stop()
@@ -39,7 +40,15 @@ if not infos:
     st.stop()
 
 st.subheader("Directions and their source")
-st.dataframe([{"name": i.name, "adapter": i.adapter or browse.BASE, "base model": i.base_model,
+try:
+    shipped_names = set(shipped.shipped_status(store).directions)
+except (shipped.ShippedError, StoreError):
+    shipped_names = set()
+if shipped_names:
+    st.caption(f":material/inventory_2: {', '.join(sorted(shipped_names))}: shipped data, imported on the first "
+               "run (Home removes it).")
+st.dataframe([{"name": i.name, "shipped": i.name in shipped_names, "adapter": i.adapter or browse.BASE,
+               "base model": i.base_model,
                "source run": i.source_run, "counts": ", ".join(f"{k}={v}" for k, v in i.counts.items()),
                "layers": len(i.norms) if i.norms else None, "method": i.method, "apply as": i.use_as,
                "registered in store": i.in_store,

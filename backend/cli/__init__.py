@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from backend.cli import ablate, adapters, chat, directions, evaluation, lora, models, organism, paper, server
+from backend.cli import (ablate, adapters, chat, directions, evaluation, lora, models, organism, paper, server,
+                         shipped)
 from backend.errors import BackendError
 
 # The order of `--help`.
-FEATURES = (server, adapters, chat, models, evaluation, directions, paper, ablate, lora, organism)
+FEATURES = (server, adapters, chat, models, evaluation, directions, paper, ablate, lora, organism, shipped)
 
 
 def common_flags() -> argparse.ArgumentParser:

@@ -427,7 +427,7 @@ def figures(summary: dict, root: Path, out: Path) -> None:
     directions at the direction layer, as Altair PNGs."""
     import altair as alt
     import pandas as pd
-    from backend.scalars import wilson
+    from backend.metrics import wilson
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, c in summary["core"].items():
