@@ -260,8 +260,6 @@ def _open_safetensors(path: Path):
 
 def read_direction_file(path: str | Path) -> Direction:
     """One of our safetensors files (with metadata)."""
-    from safetensors import safe_open
-
     path = Path(path)
     with _open_safetensors(path) as handle:
         meta = (handle.metadata() or {}).get("direction")
@@ -326,8 +324,6 @@ def import_direction(path: str | Path, name: str, cache: str | Path, base: BaseM
     fingerprint = None
     meta: dict = {}
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
         with _open_safetensors(path) as handle:
             keys = list(handle.keys())
             file_meta = handle.metadata() or {}

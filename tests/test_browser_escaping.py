@@ -71,7 +71,7 @@ def xss_dashboard(real_server, xss_store):
 
 
 @pytest.fixture
-def page(browser):
+def page(browser):  # noqa: F811  (the imported fixture, by name)
     page = browser.new_page(viewport={"width": 1500, "height": 1000})
     page.dialogs = []
     page.on("dialog", lambda dialog: (page.dialogs.append(dialog.message), dialog.dismiss()))

@@ -3,7 +3,6 @@ loopback, and the key is required by vLLM and sent by every client (status, chat
 evaluation subprocess, the Home page)."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

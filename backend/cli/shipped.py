@@ -19,40 +19,39 @@ def _store_and_cache(args):
 
 def _cmd(args) -> int:
     store, config = _store_and_cache(args)
-    try:
-        if args.action == "export":
-            manifest = export_bundle(store, args.out, args.run, directions=args.direction or None,
-                                     name=args.name, description=args.description)
-            rows = ", ".join(f"{t} {v['rows']}" for t, v in manifest["tables"].items())
-            size = sum(p.stat().st_size for p in Path(args.out).rglob("*") if p.is_file())
-            print(f"wrote {args.out}: {rows}; {len(manifest['direction_files'])} direction files; {size / 1e3:.0f} kB")
-        elif args.action == "import":
-            fingerprint = None
-            if not args.any_base:
-                from backend.directions import BaseModelInfo
-                try:
-                    fingerprint = BaseModelInfo.from_path(config.base_model_path).fingerprint
-                except (OSError, ValueError) as error:
-                    print(f"warning: not checking directions against the base ({error})", file=sys.stderr)
-            result = import_bundle(store, args.bundle, config.cache, base_fingerprint=fingerprint,
-                                   first_run=args.first_run)
-            if result.skipped:
-                print(f"shipped data: {result.skipped}")
-            else:
-                print(f"imported bundle {result.bundle!r} into {store.path}: "
-                      + ", ".join(f"{t} {n}" for t, n in result.rows.items()))
-        elif args.action == "status":
-            status = shipped_status(store)
-            if args.json:
-                print(json.dumps({"runs": status.runs, "samples": status.samples, "judgements": status.judgements,
-                                  "directions": status.directions, "marker": status.marker}, indent=2, default=str))
-            else:
-                print(status.describe())
-        elif args.action == "remove":
-            gone = remove_shipped(store)
-            print(f"removed {_count(len(gone.runs), 'shipped run')} ({_count(gone.samples, 'sample')}, "
-                  f"{_count(gone.judgements, 'judgement')}) and {_count(len(gone.directions), 'direction')} "
-                  f"from {store.path}")
+    if args.action == "export":
+        manifest = export_bundle(store, args.out, args.run, directions=args.direction or None,
+                                 name=args.name, description=args.description)
+        rows = ", ".join(f"{t} {v['rows']}" for t, v in manifest["tables"].items())
+        size = sum(p.stat().st_size for p in Path(args.out).rglob("*") if p.is_file())
+        print(f"wrote {args.out}: {rows}; {len(manifest['direction_files'])} direction files; {size / 1e3:.0f} kB")
+    elif args.action == "import":
+        fingerprint = None
+        if not args.any_base:
+            from backend.directions import BaseModelInfo
+            try:
+                fingerprint = BaseModelInfo.from_path(config.base_model_path).fingerprint
+            except (OSError, ValueError) as error:
+                print(f"warning: not checking directions against the base ({error})", file=sys.stderr)
+        result = import_bundle(store, args.bundle, config.cache, base_fingerprint=fingerprint,
+                               first_run=args.first_run)
+        if result.skipped:
+            print(f"shipped data: {result.skipped}")
+        else:
+            print(f"imported bundle {result.bundle!r} into {store.path}: "
+                  + ", ".join(f"{t} {n}" for t, n in result.rows.items()))
+    elif args.action == "status":
+        status = shipped_status(store)
+        if args.json:
+            print(json.dumps({"runs": status.runs, "samples": status.samples, "judgements": status.judgements,
+                              "directions": status.directions, "marker": status.marker}, indent=2, default=str))
+        else:
+            print(status.describe())
+    elif args.action == "remove":
+        gone = remove_shipped(store)
+        print(f"removed {_count(len(gone.runs), 'shipped run')} ({_count(gone.samples, 'sample')}, "
+              f"{_count(gone.judgements, 'judgement')}) and {_count(len(gone.directions), 'direction')} "
+              f"from {store.path}")
     return 0
 
 
