@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+from backend.errors import BackendError
 from backend.store import Store, StoreError
 
 # The bundle a checkout ships (empty until the organism's acceptance runs are exported into it).
@@ -38,7 +39,7 @@ RUN_TABLES = ("runs", "conditions", "questions", "samples", "judgements")
 _RUN_COLUMN = {"runs": "id"}
 
 
-class ShippedError(RuntimeError):
+class ShippedError(BackendError, RuntimeError):
     """A bundle that cannot be exported, imported or removed; names the file or row and why."""
 
 
