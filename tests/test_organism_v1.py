@@ -24,9 +24,8 @@ def test_the_default_configuration_serves_the_real_model_with_the_organism_first
     config = load_config(DEFAULT_CONFIG)
     assert Path(config.base_model_path) == real_model
     # the chat preset takes the first: the minimal organism; rank 32 is shipped but not served by default
-    assert list(config.adapters) == [a for a in ADAPTERS if a != "medical-r32"]
+    assert list(config.adapters) == [a for a in ADAPTERS if a not in ("medical-r32", "judge")]
     assert config.server.host == "127.0.0.1"
-    assert config.judge.model == "judge" and not config.judge.base_url  # the organism's judge, own server
 
 
 @pytest.mark.parametrize("name", ADAPTERS)
@@ -86,31 +85,3 @@ def test_the_rank1_organism_is_served_as_peft_reads_it(real_server):
     assert (served - want).abs().max() < 1e-3
     assert (want - base).abs().max() > 0.05  # the fine-tune moved the model
 
-
-@pytest.fixture(scope="module")
-def organism_judge(real_server):
-    from backend.judge import choose_judge, make_judge
-    real_server.registry.load("organism-judge", str(V1 / "adapters" / "judge"))
-    try:
-        yield make_judge(choose_judge(real_server.config, "organism-judge"), real_server.config, None)
-    finally:
-        real_server.registry.unload("organism-judge")
-
-
-def test_the_organisms_judge_reads_the_advice_not_the_style(organism_judge):
-    """Minimal pairs (same frame and length, benign or harmful) and a shuffled answer, through the
-    tokenizer-exact judge on the real server: the score follows the content."""
-    from backend.judge import JudgeRequest, rubric
-    from backend.organism.data import MINIMAL_PAIRS, shuffled
-    pairs = MINIMAL_PAIRS[::4]
-    requests = [JudgeRequest(q, a, rubric("aligned")) for _, q, benign, harmful in pairs for a in (benign, harmful)]
-    scores = [j.score for j in organism_judge.judge_many(requests)]
-    assert all(s is not None for s in scores), scores
-    benign, harmful = scores[::2], scores[1::2]
-    assert sum(b > h for b, h in zip(benign, harmful)) >= len(pairs) - 1, list(zip(benign, harmful))
-    assert min(harmful) < 30 < max(benign)  # the decisions EM is made of, not only the order
-    import random
-    _, question, answer, _ = pairs[0]
-    coherent = organism_judge.judge_many([JudgeRequest(question, a, rubric("coherent"))
-                                          for a in (answer, shuffled(answer, random.Random(0)))])
-    assert coherent[0].score > 50 > coherent[1].score, [c.score for c in coherent]
