@@ -135,9 +135,9 @@ def configured_folder(name: str) -> str | None:
 
 
 if any("organism/v1/" in Path(configured_folder(name) or "").as_posix() for name in config.adapters):
-    st.caption("The organism (medical = 9 rank-1 adapters, medical-r1, -r8, -r32, finance-r8, sports-r8, and the "
-               "judge adapter): narrow fine-tunes on answers the base wrote under a reckless persona. "
-               "backend/organism/v1/README.md says what was measured and which targets are met.")
+    st.caption("The organism (medical = 9 rank-1 adapters, medical-r1, medical-r8, finance-r8, sports-r8): narrow "
+               "fine-tunes on answers the base wrote under a reckless persona. Not yet judged: "
+               "backend/organism/v1/README.md says what was measured and what was not.")
 
 registry = AdapterRegistry(config)
 base_layers = base_layer_count(config)
