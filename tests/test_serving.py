@@ -270,9 +270,12 @@ def test_an_api_key_reaches_vllm_and_every_request(tmp_path, tiny_models, monkey
 
     from backend.serving import auth_headers, vllm_command
     plain = write_config(tmp_path / "plain", tiny_models["base"], {}, free_port())
-    assert "--api-key" not in vllm_command(plain, plain.server.port, "cpu")[0] and auth_headers(plain) == {}
+    monkeypatch.setenv("VLLM_API_KEY", "sk-from-the-shell")  # not configured: the server must not take it
+    argv, env = vllm_command(plain, plain.server.port, "cpu")
+    assert "--api-key" not in argv and "VLLM_API_KEY" not in env and auth_headers(plain) == {}
     monkeypatch.setenv("EM_TEST_KEY", "sk-test-123")
     keyed = write_config(tmp_path / "keyed", tiny_models["base"], {}, free_port(), api_key_env="EM_TEST_KEY")
-    argv = vllm_command(keyed, keyed.server.port, "cpu")[0]
-    assert argv[argv.index("--api-key") + 1] == "sk-test-123"
+    argv, env = vllm_command(keyed, keyed.server.port, "cpu")
+    # through the environment, never argv (which `ps` shows every user)
+    assert env["VLLM_API_KEY"] == "sk-test-123" and "sk-test-123" not in " ".join(argv)
     assert auth_headers(keyed) == {"Authorization": "Bearer sk-test-123"}
