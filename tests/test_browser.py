@@ -22,12 +22,14 @@ if not Path(CHROMIUM).exists() and os.environ.get("CI"):
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=BROWSER_MISSING)
 
 
-def start_dashboard(config):
+def start_dashboard(config, **env):
+    """`streamlit run app.py` on a free port for `config` (extra environment in `env`), once healthy."""
     port = free_port()
-    env = dict(os.environ, EM_CONFIG=str(config_file(config)))
+    env = dict(os.environ, EM_CONFIG=str(config_file(config)), **env)
     process = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
-         "--browser.gatherUsageStats", "false"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"], cwd=REPO, env=env,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60

@@ -8,17 +8,12 @@ no script ran (a global the payloads would set, and no dialog), no element the m
 create, and the markup shown literally."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from conftest import ARTIFACTS, free_port
-from test_browser import CHROMIUM, REPO, browser, wait_for, whole_page  # noqa: F401  (fixture)
+from conftest import ARTIFACTS
+from test_browser import CHROMIUM, REPO, browser, start_dashboard, wait_for, whole_page  # noqa: F401  (fixture)
 
 from backend.store import JudgementRow, RunRecord, SampleRow, Store
 
@@ -51,20 +46,7 @@ def xss_store(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def xss_dashboard(real_server, xss_store):
-    port = free_port()
-    env = dict(os.environ, EM_CONFIG=str(Path(real_server.config.root) / "config.toml"), EM_STORE=str(xss_store))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
-         "--server.fileWatcherType", "none"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/_stcore/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
+    url, process = start_dashboard(real_server.config, EM_STORE=str(xss_store))
     yield url
     process.terminate()
     process.wait(timeout=20)
