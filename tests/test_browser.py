@@ -122,7 +122,11 @@ def test_chat_three_columns_and_the_live_slider(dashboard, browser):
     changed = texts
     for key, strength in (("Home", "-1"), ("End", "1.5")):
         previous = changed
-        page.get_by_role("slider", name="ablation strength").focus()
+        # While a rerun draws the new slider, Streamlit can keep the old one on the page as a
+        # stale element; wait until one is left so the key lands on the live slider.
+        slider = page.get_by_role("slider", name="ablation strength")
+        wait_for(lambda: slider.count() == 1, what="a single live ablation slider", page=page)
+        slider.focus()
         page.keyboard.press(key)
         changed = wait_for(lambda: (t := assistant_texts(page)) and len(t) == 3 and t[2] != previous[2]
                            and t[2] not in ("", "…") and f"strength%3D{strength}&" in page.url

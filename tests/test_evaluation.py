@@ -307,7 +307,10 @@ def test_the_dashboards_stop_interrupts_a_launched_run_which_then_resumes(vllm_s
     log = Path(handle.log_path).read_text()
     assert not handle.alive() and "interrupted; resume with: python -m backend eval run --run-id stopped" in log
     progress = read_progress(store, "stopped", vllm_server.config)
-    assert progress.status == "interrupted" and 4 <= progress.samples_done < progress.samples_total
+    # Samples are generated ahead of their judgements, so a stop can land after the last sample
+    # but before the last judgement; either way work must be left for the resume.
+    assert progress.status == "interrupted" and progress.samples_done >= 4
+    assert progress.judgements_done < progress.judgements_total
     finished = run_eval(spec, config=vllm_server.config, store=store)
     assert finished.status == "finished" and counts(store, "stopped") == (60, 60, 120, 120)
 
