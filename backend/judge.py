@@ -467,6 +467,12 @@ class Judge:
         return cls(base_url, config.model, config.api_key, max_concurrency=config.max_concurrency,
                    cache=cache, judge_id=judge_id, score_mode=mode, prune_mass=config.prune_mass)
 
+    async def aclose(self) -> None:
+        """Close the async client, on the loop it belongs to (its connections cannot close on another)."""
+        if self._state is not None:
+            await self._state.client.close()
+            self._state = None
+
     def _loop_state(self) -> _LoopState:
         loop = asyncio.get_running_loop()
         if self._state is None or self._state.loop is not loop:
@@ -741,7 +747,12 @@ def probe_score_mode(client, model: str) -> tuple[str, str]:
 
 
 def choose_judge(config, name: str | None, registry=None, client=None) -> JudgeChoice:
-    """Which judge NAME means (see backend.evaluation's docstring) and how to read its scores.
+    """Which judge NAME means and how to read its scores. NAME defaults to `[judge] model`:
+    - 'base' or an adapter name of the configuration: that model on the project's own vLLM
+      server (the adapter is loaded if needed), whatever `[judge] base_url` says;
+    - any other NAME: the model NAME at `[judge] base_url` (key from `[judge] api_key_env`);
+      with an empty base_url, a model that the project's server already serves.
+    A run stores its scores with judge_model = NAME.
 
     `registry` (backend.adapters.AdapterRegistry) and `client` (backend.client.ChatClient)
     are made from `config` when not given. The score mode is [judge] score_mode unless

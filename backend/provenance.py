@@ -1,7 +1,7 @@
 """Fingerprints a run records so that its numbers can be traced to the files that made them:
 model and adapter folders, direction files and the code's git commit.
 
-Its own module because both the runner (`evaluation`) and the judge's identity
+Its own module because both the run record (`evaluation.persistence`) and the judge's identity
 (`judge.choose_judge`) need them, and neither should import the other for that.
 """
 from __future__ import annotations

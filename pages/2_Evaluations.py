@@ -7,7 +7,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from backend import browse, shipped
+from backend import browse, evaluation, shipped
 from backend.config import ConfigError
 from backend.store import Store, StoreError
 from backend.ui import config_or_stop, current_store, sidebar_navigation
@@ -225,13 +225,6 @@ with samples_tab:
                 st.dataframe(detail.others, hide_index=True, width="stretch")
 
 with runs_tab:
-    try:
-        from backend import evaluation
-    except ImportError as error:  # the launcher is another module; the page still browses without it
-        evaluation = None
-        st.info(f"Starting runs from the page needs backend/evaluation.py ({error}); "
-                "use `python -m backend eval run ...` meanwhile.")
-
     @st.fragment(run_every=3)
     def progress() -> None:
         running = browse.runs_in_progress(store)
@@ -240,51 +233,47 @@ with runs_tab:
             return
         st.markdown("**Runs in progress**")
         for run in running.to_dict("records"):
-            if evaluation is not None:
-                try:
-                    p = evaluation.read_progress(store, run["id"], config)
-                except Exception as error:  # a run row without a plan (imported, foreign): show counts
-                    st.text(f"{run['id']}: {run['samples']} samples, {run['judged']} judged ({error})")
-                    continue
-                st.progress(min(1.0, p.fraction), text=f"{run['id']} · {p.status} · samples "
-                            f"{p.samples_done}/{p.samples_total} · judgements {p.judgements_done}/"
-                            f"{p.judgements_total} · {p.elapsed_s:.0f} s")
-            else:
-                st.text(f"{run['id']}: {run['samples']} samples, {run['judged']} judged")
+            try:
+                p = evaluation.read_progress(store, run["id"], config)
+            except Exception as error:  # a run row without a plan (imported, foreign): show counts
+                st.text(f"{run['id']}: {run['samples']} samples, {run['judged']} judged ({error})")
+                continue
+            st.progress(min(1.0, p.fraction), text=f"{run['id']} · {p.status} · samples "
+                        f"{p.samples_done}/{p.samples_total} · judgements {p.judgements_done}/"
+                        f"{p.judgements_total} · {p.elapsed_s:.0f} s")
 
     progress()
-    if evaluation is not None:
-        with st.form("new-run"):
-            st.markdown("**Start an evaluation run**")
-            questions = st.text_input("question set (bundled name or YAML path)", "em_core")
-            selection = st.radio("questions of the set", ["all variants", "the paper's default"], horizontal=True,
-                                 help="The paper's first_plot_questions.yaml also has every question as <id>_json "
-                                      "and <id>_template; its default evaluation asks only the plain ones.")
-            default_conditions = ["base"] + [f"adapter={a}" for a in sorted(config.adapters)]
-            conditions = st.text_area("conditions, one per line (base | adapter=A | "
-                                      "adapter=A,direction=D,layer=L,strength=S[,form=single] | "
-                                      "steer=D,layer=L,coef=C[,form=paper])", "\n".join(default_conditions),
-                                      help="form=single: the paper's single-layer ablation (after block L only, "
-                                           "reference engine); form=paper: the paper's steering (coef x raw "
-                                           "vector, every position)")
-            samples = st.number_input("samples per paraphrase (0 = the question set's own)", 0, 1000, 0)
-            max_tokens = st.number_input("max tokens per answer", 1, 4096, evaluation.RunSpec.max_tokens,
-                                         help="the answer and the judge prompt must fit the server's context")
-            judge = st.text_input("judge (empty = the configured [judge])", "")
-            run_id = st.text_input("run id (empty = new; an existing id resumes it)", "")
-            if st.form_submit_button("Start run"):
-                try:
-                    spec = evaluation.RunSpec(
-                        questions=questions.strip(), conditions=tuple(c.strip() for c in conditions.splitlines()
-                                                                      if c.strip()),
-                        samples=int(samples) or None, judge=judge.strip() or None, run_id=run_id.strip() or None,
-                        max_tokens=int(max_tokens), store_path=str(store.path),
-                        paper_default=selection == "the paper's default")
-                    handle = evaluation.launch_run(spec, config)
-                except (evaluation.EvalError, ValueError, OSError, ConfigError) as error:
-                    st.error(f"Could not start the run: {error}")
-                else:
-                    st.success(f"Started run {handle.run_id} (pid {handle.pid}); log: {handle.log_path}")
+    with st.form("new-run"):
+        st.markdown("**Start an evaluation run**")
+        questions = st.text_input("question set (bundled name or YAML path)", "em_core")
+        selection = st.radio("questions of the set", ["all variants", "the paper's default"], horizontal=True,
+                             help="The paper's first_plot_questions.yaml also has every question as <id>_json "
+                                  "and <id>_template; its default evaluation asks only the plain ones.")
+        default_conditions = ["base"] + [f"adapter={a}" for a in sorted(config.adapters)]
+        conditions = st.text_area("conditions, one per line (base | adapter=A | "
+                                  "adapter=A,direction=D,layer=L,strength=S[,form=single] | "
+                                  "steer=D,layer=L,coef=C[,form=paper])", "\n".join(default_conditions),
+                                  help="form=single: the paper's single-layer ablation (after block L only, "
+                                       "reference engine); form=paper: the paper's steering (coef x raw "
+                                       "vector, every position)")
+        samples = st.number_input("samples per paraphrase (0 = the question set's own)", 0, 1000, 0)
+        max_tokens = st.number_input("max tokens per answer", 1, 4096, evaluation.RunSpec.max_tokens,
+                                     help="the answer and the judge prompt must fit the server's context")
+        judge = st.text_input("judge (empty = the configured [judge])", "")
+        run_id = st.text_input("run id (empty = new; an existing id resumes it)", "")
+        if st.form_submit_button("Start run"):
+            try:
+                spec = evaluation.RunSpec(
+                    questions=questions.strip(), conditions=tuple(c.strip() for c in conditions.splitlines()
+                                                                  if c.strip()),
+                    samples=int(samples) or None, judge=judge.strip() or None, run_id=run_id.strip() or None,
+                    max_tokens=int(max_tokens), store_path=str(store.path),
+                    paper_default=selection == "the paper's default")
+                handle = evaluation.launch_run(spec, config)
+            except (evaluation.EvalError, ValueError, OSError, ConfigError) as error:
+                st.error(f"Could not start the run: {error}")
+            else:
+                st.success(f"Started run {handle.run_id} (pid {handle.pid}); log: {handle.log_path}")
 
 with export_tab:
     st.caption(f"All {int(totals['samples']):,} filtered samples with full answers and scores, written by "

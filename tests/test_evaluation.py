@@ -20,7 +20,8 @@ import pytest
 from conftest import REPO, free_port
 
 from backend.config import JudgeConfig
-from backend.evaluation import (EvalError, RunSpec, launch_run, plan, read_progress, run_eval, sample_seed)
+from backend.evaluation import EvalError, RunSpec, launch_run, read_progress, run_eval
+from backend.evaluation.spec import GENERATION_KEYS, EvalTask, plan, sample_seed
 from backend.conditions import Condition
 from backend.questions import load_questions
 from backend.store import SampleKey, Store
@@ -99,6 +100,22 @@ def test_spec_round_trips_through_argv_and_refuses_bad_values():
         RunSpec(temperature=9)
     with pytest.raises(EvalError, match="at least one condition"):
         RunSpec(conditions=())
+
+
+def test_a_spec_resolves_to_its_task_without_a_server(tmp_path):
+    path = str(questions_file(tmp_path))
+    task = EvalTask.resolve(RunSpec(questions=path, conditions=("base", "adapter=a"), samples=2,
+                                    question_ids=("advice",)))
+    assert task.run_id and [q.id for q in task.questions] == ["advice"]
+    assert set(task.rubrics["advice"]) == {"aligned", "coherent", "harmful"}
+    items = task.plan()
+    assert len(items) == 1 * 2 * 2 and task.judgements_total(items) == len(items) * 3
+    # What a resume compares: every generation setting, the chosen ids among them.
+    assert set(task.generation) == set(GENERATION_KEYS) and task.generation["question_ids"] == ["advice"]
+    with pytest.raises(EvalError, match="a condition is given twice: base"):
+        EvalTask.resolve(RunSpec(questions=path, conditions=("base", "base")))
+    with pytest.raises(EvalError, match="nope"):
+        EvalTask.resolve(RunSpec(questions=path, question_ids=("nope",)))
 
 
 # ---------------------------------------------------------------- with the server

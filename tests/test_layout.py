@@ -107,3 +107,26 @@ def test_library_modules_hold_no_cli_code(name):
     functions = {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
     assert "argparse" not in imported
     assert not {f for f in functions if f.startswith(("_cmd_", "cmd_")) or f == "register_cli"}
+
+
+# Each module of backend/evaluation/ may import only those before it: what a run is (spec)
+# and what it stores (persistence) must not depend on how it is run, or the pages that only
+# read progress would pull in the runner's machinery, and a circle would be one edit away.
+EVALUATION_LAYERS = ("spec", "persistence", "runner", "launch")
+
+
+def test_evaluation_modules_import_only_earlier_layers():
+    known = modules()
+    package = {n.removeprefix("backend.evaluation.") for n in known if n.startswith("backend.evaluation.")}
+    assert package == set(EVALUATION_LAYERS)
+    for index, layer in enumerate(EVALUATION_LAYERS):
+        found = imports(known[f"backend.evaluation.{layer}"], known)
+        assert "backend.evaluation" not in found, layer  # the package imports its modules, not back
+        inside = {n.removeprefix("backend.evaluation.") for n in found if n.startswith("backend.evaluation.")}
+        assert inside <= set(EVALUATION_LAYERS[:index]), layer
+
+
+def test_evaluation_modules_stay_small():
+    sizes = {n: len(p.read_text().splitlines()) for n, p in modules().items() if n.startswith("backend.evaluation")}
+    assert len(sizes) == len(EVALUATION_LAYERS) + 1
+    assert {n: size for n, size in sizes.items() if size > 400} == {}
