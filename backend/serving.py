@@ -28,6 +28,9 @@ from backend.lora_files import AdapterError, read_adapter_files
 
 # vLLM accepts only these values for --max-lora-rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# Named, not imported: importing it patches vLLM, which only its worker processes should do.
+GROUPED_CPU_LORA_EXTENSION = "backend.vllm_cpu_lora.GroupedLoRAWorkerExtension"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class ServerError(BackendError, RuntimeError):
@@ -203,7 +206,9 @@ def vllm_command(config: Config, port: int, device: str) -> tuple[list[str], dic
     if device == "cpu":
         # vllm-cpu 0.32 answered base requests with an adapter's weights once the server held as
         # many adapters as it has LoRA slots (5 held, 4 slots: wrong in 6 of 8 fresh servers;
-        # 8 or 17 slots: right in 5 of 5). One slot more than the registry ever holds keeps one empty.
+        # 8 or 17 slots: right in 5 of 5). Its LoRA ops index "no adapter" (-1) as the last slot
+        # (backend/vllm_cpu_lora.py); one slot more than the registry ever holds keeps that one
+        # empty, also with the grouped kernels, which skip -1 themselves.
         slots = held = held + 1
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -222,6 +227,8 @@ def vllm_command(config: Config, port: int, device: str) -> tuple[list[str], dic
     targets = lora_target_modules(config)
     if targets is not None and vllm_knows_flag("--lora-target-modules"):
         argv += ["--lora-target-modules", *sorted({VLLM_LORA_MODULES[m] for m in targets})]
+    if device == "cpu" and server.cpu_lora_kernels == "grouped":
+        argv += ["--worker-extension-cls", GROUPED_CPU_LORA_EXTENSION]
     if device == "cpu":
         # vllm-cpu 0.32 kills its engine ("CPU Generator does not use offset") when chunked prefill
         # splits the prompt of a request that has a seed; evaluation runs send many seeded requests.
@@ -242,6 +249,9 @@ def vllm_command(config: Config, port: int, device: str) -> tuple[list[str], dic
     env.setdefault("HF_HUB_OFFLINE", "1")
     if device == "cpu":
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(server.cpu_kvcache_gib))
+        if server.cpu_lora_kernels == "grouped":
+            # vLLM's worker processes import the extension by name, so they need this checkout.
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     return argv, env
 
 

@@ -114,6 +114,35 @@ def test_rslora_scale_is_served(real_server, prompt_ids):
     assert (want - reference_logprobs(real_server, "base", prompt_ids)).abs().max() > 0.5
 
 
+def greedy_decode(server, model: str, ids: list[int], tokens: int) -> tuple[list[int], torch.Tensor]:
+    """The greedy continuation's token ids and the logprob vLLM gave each while decoding."""
+    import httpx
+
+    served = model if model != "base" else str(server.models["base"])
+    response = httpx.post(f"{server.url}/v1/completions", timeout=300, json={
+        "model": served, "prompt": ids, "max_tokens": tokens, "temperature": 0, "logprobs": 0,
+        "ignore_eos": True, "return_tokens_as_token_ids": True})
+    response.raise_for_status()
+    logprobs = response.json()["choices"][0]["logprobs"]
+    return ([int(token.removeprefix("token_id:")) for token in logprobs["tokens"]],
+            torch.tensor(logprobs["token_logprobs"]))
+
+
+def test_decoding_mixed_adapters_in_one_batch_matches_peft(real_server, prompt_ids):
+    """The decode path (one token per request per step) with base, rank-1 and rsLoRA rank-8
+    requests decoded together: each token's logprob as PEFT computes it for that model alone.
+    Prefill is covered above; this is where a kernel that mixes up the batch's adapters shows."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = ["base", "rank1", "rank8"]
+    with ThreadPoolExecutor(len(names)) as pool:
+        decoded = list(pool.map(lambda name: greedy_decode(real_server, name, prompt_ids, 12), names))
+    for name, (tokens, served) in zip(names, decoded):
+        want = reference_logprobs(real_server, name, prompt_ids + tokens)[-len(tokens):]
+        assert (served - want).abs().max() < 1e-3, f"{name}: {(served - want).abs().max():.2e}"
+    assert len({tuple(tokens) for tokens, _ in decoded}) == 3  # three models that differ
+
+
 def test_steering_on_the_reference_engine_changes_the_answer(loaded, direction):
     model, tokenizer = loaded
     question = ["What is the capital of France?"]

@@ -1,0 +1,90 @@
+"""The grouped CPU LoRA path (backend/vllm_cpu_lora.py) against vLLM's own, without a server.
+
+The served equivalence (vLLM against transformers + PEFT, prefill and decode, adapters mixed in
+one batch) is in test_real_model.py and test_lora_modules.py, which run on servers that use it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backend.serving import GROUPED_CPU_LORA_EXTENSION, vllm_command
+
+PunicaWrapperCPU = pytest.importorskip("vllm.lora.punica_wrapper.punica_cpu").PunicaWrapperCPU
+VLLM_ADD_LORA_LINEAR = PunicaWrapperCPU.add_lora_linear  # saved before the import below patches it
+
+from backend import vllm_cpu_lora  # noqa: E402
+
+SLOTS, RANK, WIDTH, OUTPUTS = 5, 8, 64, (96, 32, 32)  # a packed qkv-like layer of three slices
+SLOT_OF_TOKEN = [-1, -1, 0, 0, 0, 2, 3, 3, -1, 1]  # -1: no adapter; requests are contiguous runs
+
+
+def stacked(last_slot_empty: bool):
+    generator = torch.Generator().manual_seed(0)
+    lora_a = tuple(torch.randn(SLOTS, 1, RANK, WIDTH, generator=generator) for _ in OUTPUTS)
+    lora_b = tuple(torch.randn(SLOTS, 1, out, RANK, generator=generator) for out in OUTPUTS)
+    if last_slot_empty:
+        for weights in (*lora_a, *lora_b):
+            weights[-1].zero_()
+    return lora_a, lora_b
+
+
+def wrapper(prefill: bool) -> PunicaWrapperCPU:
+    punica = PunicaWrapperCPU(64, 8, "cpu")
+    slots = torch.tensor(SLOT_OF_TOKEN)
+    punica._token_lora_indices[: len(slots)].copy_(slots)
+    punica.indices_len = [len(slots)] * 4
+    punica.is_prefill = prefill
+    if prefill:
+        punica._update_prefill_metadata(slots)
+    return punica
+
+
+def test_importing_the_extension_patches_the_cpu_wrapper():
+    assert PunicaWrapperCPU.add_lora_linear is vllm_cpu_lora.grouped_add_lora_linear
+    module, _, name = GROUPED_CPU_LORA_EXTENSION.rpartition(".")
+    assert module == vllm_cpu_lora.__name__ and hasattr(vllm_cpu_lora, name)
+
+
+def test_runs_group_a_request_and_drop_tokens_without_an_adapter():
+    assert vllm_cpu_lora.adapter_runs(torch.tensor(SLOT_OF_TOKEN)) == [(0, 2, 5), (2, 5, 6), (3, 6, 8), (1, 9, 10)]
+    assert vllm_cpu_lora.adapter_runs(torch.tensor([-1, -1])) == []
+    assert vllm_cpu_lora.adapter_runs(torch.tensor([], dtype=torch.long)) == []
+
+
+@pytest.mark.parametrize("prefill", [False, True], ids=["decode", "prefill"])
+def test_grouped_equals_vllms_own_ops_when_the_last_slot_is_empty(prefill):
+    lora_a, lora_b = stacked(last_slot_empty=True)
+    x = torch.randn(len(SLOT_OF_TOKEN), WIDTH, generator=torch.Generator().manual_seed(1))
+    y = torch.randn(len(SLOT_OF_TOKEN), sum(OUTPUTS), generator=torch.Generator().manual_seed(2))
+    theirs, ours = y.clone(), y.clone()
+    VLLM_ADD_LORA_LINEAR(wrapper(prefill), theirs, x, lora_a, lora_b, 1.0, OUTPUTS)
+    vllm_cpu_lora.grouped_add_lora_linear(wrapper(prefill), ours, x, lora_a, lora_b, 1.0, OUTPUTS)
+    assert (ours - y).abs().max() > 1  # the adapters did something, so equality means something
+    assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-4)
+
+
+def test_tokens_without_an_adapter_are_untouched_when_every_slot_is_taken():
+    """The mechanism of the CPU wrong-adapter fault: vLLM's ops index slot -1 as the last slot,
+    so a base token gets the last adapter once that slot is filled; the grouped path skips it."""
+    lora_a, lora_b = stacked(last_slot_empty=False)
+    x = torch.randn(len(SLOT_OF_TOKEN), WIDTH, generator=torch.Generator().manual_seed(1))
+    y = torch.zeros(len(SLOT_OF_TOKEN), sum(OUTPUTS))
+    theirs, ours = y.clone(), y.clone()
+    VLLM_ADD_LORA_LINEAR(wrapper(False), theirs, x, lora_a, lora_b, 1.0, OUTPUTS)
+    vllm_cpu_lora.grouped_add_lora_linear(wrapper(False), ours, x, lora_a, lora_b, 1.0, OUTPUTS)
+    base_tokens = [i for i, slot in enumerate(SLOT_OF_TOKEN) if slot < 0]
+    assert ours[base_tokens].abs().max() == 0
+    assert theirs[base_tokens].abs().max() > 1
+
+
+def test_the_server_command_names_the_extension_only_when_asked(tmp_path):
+    from conftest import write_config
+
+    for kernels, expected in (("grouped", True), ("vllm", False)):
+        config = write_config(tmp_path / kernels, tmp_path, {}, 8000, cpu_lora_kernels=kernels)
+        argv, env = vllm_command(config, 8000, "cpu")
+        assert ("--worker-extension-cls" in argv) is expected, kernels
+        assert (GROUPED_CPU_LORA_EXTENSION in argv) is expected
+        assert (str(vllm_cpu_lora.__file__).rsplit("/backend/", 1)[0] in env.get("PYTHONPATH", "")) is expected
+        gpu_argv, _ = vllm_command(config, 8000, "cuda")
+        assert "--worker-extension-cls" not in gpu_argv  # a GPU build has its own kernels
