@@ -5,11 +5,14 @@ The dashboard, CLI runs and the eval subprocess share the cache folder. A reader
 see half a JSON record, half a safetensors file or an adapter folder without its weights,
 so every write goes to a temporary name in the same folder and is renamed into place
 (atomic on POSIX within one file system). Read-modify-write sequences take an flock.
+
+Also a file's sha256, which several modules check files against.
 """
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -89,3 +92,13 @@ def flock_until(fd: int, exclusive: bool, deadline: float) -> bool:
             return False
         time.sleep(delay)
         delay = min(delay * 2, 0.02)
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
