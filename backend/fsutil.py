@@ -6,7 +6,8 @@ see half a JSON record, half a safetensors file or an adapter folder without its
 so every write goes to a temporary name in the same folder and is renamed into place
 (atomic on POSIX within one file system). Read-modify-write sequences take an flock.
 
-Also a file's sha256, which several modules check files against.
+Also the two ways files are read back in several modules: a file's sha256, and JSON Lines with
+their line numbers.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Callable, Iterator
 
 
 @contextmanager
@@ -102,3 +103,16 @@ def sha256_file(path: str | Path) -> str:
             digest.update(block)
     return digest.hexdigest()
 
+
+def jsonl_records(handle: IO[str], bad_line: Callable[[int, json.JSONDecodeError], Exception]
+                  ) -> Iterator[tuple[int, Any]]:
+    """(line number from 1, parsed value) for each non-blank line of an open JSON Lines text file;
+    a line that is not JSON raises `bad_line(number, error)` (the caller's error and wording)."""
+    for number, line in enumerate(handle, 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise bad_line(number, error) from None
+        yield number, value

@@ -20,7 +20,6 @@ Export: any table, view or SELECT to CSV or Parquet through DuckDB's COPY.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from backend.errors import BackendError
-from backend.fsutil import sha256_file
+from backend.fsutil import jsonl_records, sha256_file
 from backend.judge import RUBRICS, SPECIAL_LABELS
 from backend.metrics import ALIGNED_BELOW, COHERENT_ABOVE
 from backend.store import (ConditionRecord, JudgementRow, RunRecord, SampleRow, Store,
@@ -264,13 +263,8 @@ def import_jsonl(store: Store, path: str | Path, *, run_id: str | None = None, *
     path = Path(path)
     records = []
     with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise InterchangeError(f"{path}, line {line_number}: not valid JSON: {error.msg}") from None
+        for line_number, record in jsonl_records(handle, lambda number, error: InterchangeError(
+                f"{path}, line {number}: not valid JSON: {error.msg}")):
             if not isinstance(record, dict):
                 raise InterchangeError(f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}")
             records.append(record)
