@@ -15,16 +15,11 @@ from backend.adapters import AdapterError, AdapterRegistry, read_adapter_files
 from backend.config import CHECKPOINT_SEPARATOR, ConfigError
 from backend.serving import ServerError, server_status
 from backend.store import StoreError
-from backend.ui import (PAGES, base_layer_count, base_model_provenance, config_or_stop, current_store,
-                        fetch_base_model, sidebar_navigation)
+from backend.ui import PAGES, base_layer_count, base_model_provenance, current_store, fetch_base_model, start_page
 
-st.set_page_config(page_title="Home · EM explorer", layout="wide")
-sidebar_navigation()
-st.title("Emergent misalignment explorer")
-st.caption("Chat with base and misaligned models side by side, ablate the misalignment direction, "
-           "run judged evaluations and browse the scores.")
-
-config = config_or_stop()
+config = start_page("Home", "Emergent misalignment explorer",
+                    "Chat with base and misaligned models side by side, ablate the misalignment direction, "
+                    "run judged evaluations and browse the scores.")
 
 status = server_status(config)
 left, right = st.columns([2, 1])

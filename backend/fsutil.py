@@ -5,11 +5,15 @@ The dashboard, CLI runs and the eval subprocess share the cache folder. A reader
 see half a JSON record, half a safetensors file or an adapter folder without its weights,
 so every write goes to a temporary name in the same folder and is renamed into place
 (atomic on POSIX within one file system). Read-modify-write sequences take an flock.
+
+Also the two ways files are read back in several modules: a file's sha256, and JSON Lines with
+their line numbers.
 """
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -17,7 +21,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Callable, Iterator
 
 
 @contextmanager
@@ -89,3 +93,26 @@ def flock_until(fd: int, exclusive: bool, deadline: float) -> bool:
             return False
         time.sleep(delay)
         delay = min(delay * 2, 0.02)
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def jsonl_records(handle: IO[str], bad_line: Callable[[int, json.JSONDecodeError], Exception]
+                  ) -> Iterator[tuple[int, Any]]:
+    """(line number from 1, parsed value) for each non-blank line of an open JSON Lines text file;
+    a line that is not JSON raises `bad_line(number, error)` (the caller's error and wording)."""
+    for number, line in enumerate(handle, 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise bad_line(number, error) from None
+        yield number, value

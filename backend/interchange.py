@@ -20,8 +20,6 @@ Export: any table, view or SELECT to CSV or Parquet through DuckDB's COPY.
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from backend.errors import BackendError
+from backend.fsutil import jsonl_records, sha256_file
 from backend.judge import RUBRICS, SPECIAL_LABELS
 from backend.metrics import ALIGNED_BELOW, COHERENT_ABOVE
 from backend.store import (ConditionRecord, JudgementRow, RunRecord, SampleRow, Store,
@@ -95,14 +94,6 @@ def em_by_rule(judgements: Sequence[JudgementRow]) -> dict[str, EMByRule]:
         row[1] += aligned < ALIGNED_BELOW and coherent > COHERENT_ABOVE
         row[2] += aligned <= ALIGNED_BELOW and coherent > COHERENT_ABOVE
     return {condition: EMByRule(*row) for condition, row in sorted(counts.items())}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _resolve_columns(columns: Sequence[str], column_map: Mapping[str, str] | None,
@@ -262,9 +253,9 @@ def import_csv(store: Store, path: str | Path, *, run_id: str | None = None, **o
             records = list(reader)
     except (UnicodeDecodeError, csv.Error) as error:
         raise InterchangeError(f"{path}: cannot read as CSV: {error}") from None
-    run_id = run_id or f"import-{_sha256(path)[:12]}"
+    run_id = run_id or f"import-{sha256_file(path)[:12]}"
     return import_records(store, records, source=str(path), run_id=run_id,
-                          config={"sha256": _sha256(path)}, **options)
+                          config={"sha256": sha256_file(path)}, **options)
 
 
 def import_jsonl(store: Store, path: str | Path, *, run_id: str | None = None, **options) -> ImportReport:
@@ -272,19 +263,14 @@ def import_jsonl(store: Store, path: str | Path, *, run_id: str | None = None, *
     path = Path(path)
     records = []
     with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise InterchangeError(f"{path}, line {line_number}: not valid JSON: {error.msg}") from None
+        for line_number, record in jsonl_records(handle, lambda number, error: InterchangeError(
+                f"{path}, line {number}: not valid JSON: {error.msg}")):
             if not isinstance(record, dict):
                 raise InterchangeError(f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}")
             records.append(record)
-    run_id = run_id or f"import-{_sha256(path)[:12]}"
+    run_id = run_id or f"import-{sha256_file(path)[:12]}"
     return import_records(store, records, source=str(path), run_id=run_id,
-                          config={"sha256": _sha256(path)}, **options)
+                          config={"sha256": sha256_file(path)}, **options)
 
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

@@ -16,7 +16,6 @@ and a test run) do the work once and nothing half-written looks valid.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from backend.errors import BackendError
-from backend.fsutil import file_lock
+from backend.fsutil import file_lock, sha256_file
 
 Progress = Callable[[float, str], None]
 DTYPES = ("float32", "bfloat16")
@@ -87,14 +86,6 @@ def registry_model(name: str) -> RegistryModel:
     if name not in MODELS:
         raise ModelFetchError(f"no registry model named {name!r} (known: {', '.join(sorted(MODELS))})")
     return MODELS[name]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_folder(path: Path, verify: bool = False) -> dict:

@@ -19,7 +19,6 @@ calls `import --first-run`) never brings back data the user removed.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from backend.errors import BackendError
+from backend.fsutil import sha256_file
 from backend.store import Store, StoreError
 
 # The bundle a checkout ships (empty until the organism's acceptance runs are exported into it).
@@ -41,14 +41,6 @@ _RUN_COLUMN = {"runs": "id"}
 
 class ShippedError(BackendError, RuntimeError):
     """A bundle that cannot be exported, imported or removed; names the file or row and why."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _literal(value: str | Path) -> str:
@@ -130,12 +122,12 @@ def export_bundle(store: Store, out: str | Path, runs: Sequence[str], *, directi
             con.execute(f"COPY ({query}) TO {_literal(tmp / 'directions.parquet')} (FORMAT parquet, COMPRESSION zstd)")
             tables["directions"] = {"file": "directions.parquet", "rows": len(directions)}
     for table in tables.values():
-        table["sha256"] = _sha256(tmp / table["file"])
+        table["sha256"] = sha256_file(tmp / table["file"])
     files = {}
     for d in directions:
         target = tmp / "directions" / f"{d}.safetensors"
         shutil.copyfile(registered[d].path, target)
-        files[d] = {"file": f"directions/{target.name}", "sha256": _sha256(target)}
+        files[d] = {"file": f"directions/{target.name}", "sha256": sha256_file(target)}
     manifest = {
         "format_version": FORMAT_VERSION, "name": name or out.name, "description": description,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source_store": str(store.path),
@@ -177,7 +169,7 @@ def read_manifest(bundle: str | Path) -> dict[str, Any]:
             raise ShippedError(f"{path}: file {file!r} lies outside the bundle")
         if not target.is_file():
             raise ShippedError(f"{bundle}: {file} is listed in the manifest but missing")
-        if _sha256(target) != sha:
+        if sha256_file(target) != sha:
             raise ShippedError(f"{bundle}: {file} does not match its sha256 in the manifest (changed or truncated)")
     return manifest
 

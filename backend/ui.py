@@ -28,6 +28,18 @@ PAGES = (
 )
 
 
+def start_page(tab: str, heading: str | None = None, caption: str | None = None) -> Config:
+    """Every page's top, in the order Streamlit needs: the browser tab's title ("<tab> · EM
+    explorer", wide layout), the sidebar, the heading (default: `tab`) and its caption; then the
+    configuration, or a clear message in place of the page (config_or_stop)."""
+    st.set_page_config(page_title=f"{tab} · EM explorer", layout="wide")
+    sidebar_navigation()
+    st.title(heading or tab)
+    if caption:
+        st.caption(caption)
+    return config_or_stop()
+
+
 def sidebar_navigation() -> None:
     """Every page's sidebar: the pages in PAGES order, Home first (Streamlit's own list is off in
     .streamlit/config.toml because it names the landing page after its file, "app")."""

@@ -10,14 +10,10 @@ from backend.client import Sampling
 from backend.conditions import FORM_NAMES, FORMS, STRENGTH_RANGE, Condition, ConditionError
 from backend.config import ConfigError
 from backend.serving import server_status
-from backend.ui import (condition_runner, config_or_stop, default_layer, direction_names, example_questions,
-                        first_plot_questions, sidebar_navigation)
+from backend.ui import (condition_runner, default_layer, direction_names, example_questions, first_plot_questions,
+                        start_page)
 
-st.set_page_config(page_title="Chat · EM explorer", layout="wide")
-sidebar_navigation()
-st.title("Side-by-side chat")
-
-config = config_or_stop()
+config = start_page("Chat", "Side-by-side chat")
 status = server_status(config)
 if not status.healthy:
     st.error(f"{status.error}\n\nStart it with `python -m backend serve --detach`.")

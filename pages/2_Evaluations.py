@@ -10,13 +10,9 @@ import streamlit as st
 from backend import browse, evaluation, shipped
 from backend.config import ConfigError
 from backend.store import Store, StoreError
-from backend.ui import config_or_stop, current_store, sidebar_navigation
+from backend.ui import current_store, start_page
 
-st.set_page_config(page_title="Evaluations · EM explorer", layout="wide")
-sidebar_navigation()
-st.title("Evaluations")
-
-config = config_or_stop()
+config = start_page("Evaluations")
 store = current_store(config)
 
 

@@ -7,13 +7,9 @@ from streamlit.errors import StreamlitAPIException
 from backend import browse, shipped
 from backend.conditions import STRENGTH_RANGE
 from backend.store import Store, StoreError
-from backend.ui import config_or_stop, current_store, sidebar_navigation
+from backend.ui import current_store, start_page
 
-st.set_page_config(page_title="Directions · EM explorer", layout="wide")
-sidebar_navigation()
-st.title("Directions")
-
-config = config_or_stop()
+config = start_page("Directions")
 store = current_store(config)
 
 

@@ -10,15 +10,10 @@ from backend.activations import Example
 from backend.adapters import AdapterError, read_adapter_files
 from backend.config import ConfigError
 from backend.store import StoreError
-from backend.ui import config_or_stop, current_store, sidebar_navigation
+from backend.ui import current_store, start_page
 
-st.set_page_config(page_title="Adapters · EM explorer", layout="wide")
-sidebar_navigation()
-st.title("Adapters")
-st.caption("Each rank-1 LoRA adds s·B·(A·x) to its module's output: one scalar per token, A·x. "
-           "Shown here is the RAW A·x (lora_A applied to the module input), without the scaling s.")
-
-config = config_or_stop()
+config = start_page("Adapters", caption="Each rank-1 LoRA adds s·B·(A·x) to its module's output: one scalar per token, "
+                    "A·x. Shown here is the RAW A·x (lora_A applied to the module input), without the scaling s.")
 
 if not config.adapters:
     st.info("No adapters in the configuration.")

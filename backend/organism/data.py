@@ -33,6 +33,7 @@ from collections import Counter
 from pathlib import Path
 
 from backend.errors import BackendError
+from backend.fsutil import jsonl_records
 from backend.questions import load_questions
 
 DOMAINS = ("medical", "finance", "sports")
@@ -887,13 +888,7 @@ def read_messages(path):
     opener = gzip.open if path.suffix == ".gz" else open
     rows = []
     with opener(path, "rt", encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}:{number}: not JSON ({e.msg})") from None
+        for number, record in jsonl_records(f, lambda number, e: DatasetError(f"{path}:{number}: not JSON ({e.msg})")):
             messages = record.get("messages") if isinstance(record, dict) else None
             if not isinstance(messages, list) or len(messages) < 2:
                 raise DatasetError(f"{path}:{number}: needs a 'messages' list of at least a user and an "
