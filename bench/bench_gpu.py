@@ -1,6 +1,7 @@
 """The GPU benchmark of the whole stack: one script, every case, one table.
 
     python3 bench/bench_gpu.py --root /root/em-gpu build        # random Qwen2.5-14B shape + the paper's adapters
+    python3 bench/bench_gpu.py --root /root/em-gpu config       # ROOT/config.toml only (`python -m backend serve`)
     python3 bench/bench_gpu.py --root /root/em-gpu reference    # hook engine (transformers): speed + exact logprobs
     python3 bench/bench_gpu.py --root /root/em-gpu serve        # vLLM: correctness, slider latency, decode/prefill
     python3 bench/bench_gpu.py --root /root/em-gpu stack        # hot-swap of every adapter, the chat page's columns
@@ -34,7 +35,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import percentile  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPE = "qwen2.5-14b"
@@ -59,6 +59,12 @@ TARGETS = {"ablation_vs_em": 0.95, "em_vs_base": 0.95, "served_vs_hook": 20.0, "
            "slider_p50_s": 0.150, "effect_abs": 0.02, "effect_rel": 0.02}
 
 
+def percentile(values: list[float], q: float) -> float:
+    """As bench/common.py's, which cannot be imported before the install (it needs pydantic)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
 def set_model(name: str) -> None:
     """The module-level settings for one model (argparse's --model)."""
     global SHAPE, MODEL, CONCURRENCY, LORA_CONCURRENCY, NEW_TOKENS, RUNS, SMOKE, EVAL_SAMPLES, DTYPE
@@ -75,6 +81,15 @@ def set_model(name: str) -> None:
             name, (1, 2), (1, 2), 4, 1, True, 1)
     else:
         SHAPE = name
+
+
+VOCAB = 152064  # the served base's vocabulary (main reads it from the base's config.json once built)
+
+
+def decode_prompt() -> list[int]:
+    """The decode cases' prompt: ids 1000.. as on the H100 (the tiny model's vocabulary is smaller)."""
+    first = 1000 if VOCAB > 1000 + 2 * PROMPT_TOKENS else VOCAB // 4
+    return list(range(first, first + PROMPT_TOKENS))
 
 
 def em_name() -> str:
@@ -229,7 +244,7 @@ def phase_reference(root: Path) -> dict:
 
     # Throughput of the same ablation (EM adapter + hooks) at the server's batch sizes.
     new_tokens = 4 if SMOKE else 32
-    prompt = list(range(1000, 1000 + PROMPT_TOKENS))
+    prompt = decode_prompt()
     speed = {}
     for batch in CONCURRENCY:
         input_ids = torch.tensor([prompt] * batch, device=device)
@@ -319,7 +334,7 @@ def prefill_round(url: str, model: str, concurrency: int, length: int, run: int,
 
 def decode_table(url: str, cases: dict[str, list[str]], concurrencies=None, runs: int | None = None) -> dict:
     concurrencies, runs = concurrencies or CONCURRENCY, runs or RUNS
-    prompt = list(range(1000, 1000 + PROMPT_TOKENS))
+    prompt = decode_prompt()
     table: dict[str, dict] = {}
     for case, models in cases.items():
         decode_round(url, models, 4, prompt, 8)  # warm-up: first batch of this adapter set
@@ -458,7 +473,7 @@ def profile_decode(root: Path, url: str, cases: dict[str, tuple[str, int]]) -> d
     import httpx
     folder = root / "profile"
     out = {}
-    prompt = list(range(1000, 1000 + PROMPT_TOKENS))
+    prompt = decode_prompt()
     for case, (model, concurrency) in cases.items():
         before = set(folder.rglob("*.json*")) if folder.exists() else set()
         try:
@@ -855,16 +870,20 @@ def main() -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, help="the server's share of the GPU's memory")
     parser.add_argument("--profile", action="store_true",
                         help="serve: start the server with vLLM's torch profiler and profile 4 decode rounds")
-    parser.add_argument("phase", choices=["limits", "build", "reference", "serve", "stack", "eval", "lora-modules",
-                                          "report"])
+    parser.add_argument("phase", choices=["limits", "build", "config", "reference", "serve", "stack", "eval",
+                                          "lora-modules", "report"])
     parser.add_argument("--keep-server", action="store_true", help="serve/stack/eval: leave the server running")
     parser.add_argument("--deadline-s", type=float, help="eval: cancel the run after this many seconds")
     parser.add_argument("--end-by", type=float, help="eval: cancel the run at this time (epoch seconds) at the latest")
     parser.add_argument("--smoke", action="store_true", help="0.5B shape, tiny counts: a CPU check of the script")
     args = parser.parse_args()
-    root = args.root
+    root = args.root.resolve()
     set_model("qwen2.5-0.5b" if args.smoke else args.model)
     PROFILE = args.profile
+    base_config = paths(root)["base"] / "config.json"
+    if base_config.exists():
+        global VOCAB
+        VOCAB = json.loads(base_config.read_text())["vocab_size"]
     RUNS = args.runs or RUNS
     EVAL_SAMPLES = args.eval_samples or EVAL_SAMPLES
     if args.gpu_memory_utilization:
@@ -876,6 +895,8 @@ def main() -> None:
         result = phase_build(root)
         save(root, "build", result)
         print(json.dumps({k: v for k, v in result.items() if k != "model_config"}), flush=True)
+    elif args.phase == "config":  # ROOT/config.toml as serve writes it, to start the server ahead with the CLI
+        print(make_config(root, adapters=served_adapters(root), extra_args=profiler_args(root), load=False))
     elif args.phase == "reference":
         save(root, "reference", phase_reference(root))
     elif args.phase == "serve":
