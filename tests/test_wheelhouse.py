@@ -162,3 +162,38 @@ def test_join_names_a_missing_piece(tmp_path):
     paths[1].unlink()
     with pytest.raises(wh.WheelhouseError, match=r"piece\(s\) missing: wheels\.tar\.part01"):
         wh.join(str(d / "parts"), str(tmp_path / "out"))
+
+
+def test_partial_join_gives_the_small_wheels_of_the_first_pieces(tmp_path):
+    files = {"vllm-1.0-py3-none-any.whl": os.urandom(70_000), "small-0.1-py3-none-any.whl": os.urandom(300)}
+    d, _ = _house(tmp_path, files)
+    paths = wh.split(str(d), 16_384)  # smallest first: the small wheel sits in piece 0
+    for path in paths[1:]:
+        path.rename(path.with_name("held-" + path.name))
+    out = tmp_path / "partial"
+    names = wh.join(str(d / "parts"), str(out), partial=True)
+    assert names == ["manifest.json", "small-0.1-py3-none-any.whl"]
+    assert (out / "small-0.1-py3-none-any.whl").read_bytes() == files["small-0.1-py3-none-any.whl"]
+    assert not list(out.glob("*.part")) and not (out / "vllm-1.0-py3-none-any.whl").exists()
+    for path in paths[1:]:
+        path.with_name("held-" + path.name).rename(path)
+    assert sorted(wh.join(str(d / "parts"), str(out), partial=True)) == sorted(["manifest.json", *files])
+    assert (out / "vllm-1.0-py3-none-any.whl").read_bytes() == files["vllm-1.0-py3-none-any.whl"]
+
+
+def test_strip_wheel_drops_the_members_and_their_record_lines(tmp_path):
+    import zipfile
+    src = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(src, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("pkg/__init__.py", "x = 1\n")
+        z.writestr("pkg/_big_C.so", os.urandom(5000))
+        z.writestr("pkg-1.0.dist-info/RECORD", "pkg/__init__.py,sha256=a,6\npkg/_big_C.so,sha256=b,5000\n"
+                                               "pkg-1.0.dist-info/RECORD,,\n")
+    dst = tmp_path / "out.whl"
+    assert wh.strip_wheel(src, dst, ["pkg/_big_*.so"]) == ["pkg/_big_C.so"]
+    with zipfile.ZipFile(dst) as z:
+        assert sorted(z.namelist()) == ["pkg-1.0.dist-info/RECORD", "pkg/__init__.py"]
+        assert "_big_C" not in z.read("pkg-1.0.dist-info/RECORD").decode()
+    with pytest.raises(wh.WheelhouseError, match="no member matches"):
+        wh.strip_wheel(src, tmp_path / "again.whl", ["pkg/nothing*"])
+    assert wh.parse_strips(["vllm:a/*.so", "Vllm:b"]) == {"vllm": ["a/*.so", "b"]}
