@@ -179,13 +179,15 @@ def full_server(tiny_models, tmp_path, request):
     argv, _ = vllm_command(config, 1, "cpu")
     assert argv[argv.index("--max-loras") + 1] == "3"
     start_server(config)
-    url = server_url(config)
-    for name, path in (("slot-a", "em-rank1"), ("slot-b", "em-rank8"), ("slot-c", "em-rank1")):
-        response = httpx.post(f"{url}/v1/load_lora_adapter", timeout=120,
-                              json={"lora_name": name, "lora_path": str(tiny_models[path])})
-        response.raise_for_status()
-    yield config, url
-    stop_server(config)
+    try:  # a failed load must not leave the server running
+        url = server_url(config)
+        for name, path in (("slot-a", "em-rank1"), ("slot-b", "em-rank8"), ("slot-c", "em-rank1")):
+            response = httpx.post(f"{url}/v1/load_lora_adapter", timeout=120,
+                                  json={"lora_name": name, "lora_path": str(tiny_models[path])})
+            response.raise_for_status()
+        yield config, url
+    finally:
+        stop_server(config)
 
 
 def greedy_tokens(url: str, model: str, tokens: int = 48) -> list[str]:
