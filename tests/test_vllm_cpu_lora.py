@@ -4,6 +4,8 @@ The served equivalence (vLLM against transformers + PEFT, prefill and decode, ad
 one batch) is in test_real_model.py and test_lora_modules.py, which run on servers that use it."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -88,3 +90,19 @@ def test_the_server_command_names_the_extension_only_when_asked(tmp_path):
         assert (str(vllm_cpu_lora.__file__).rsplit("/backend/", 1)[0] in env.get("PYTHONPATH", "")) is expected
         gpu_argv, _ = vllm_command(config, 8000, "cuda")
         assert "--worker-extension-cls" not in gpu_argv  # a GPU build has its own kernels
+
+
+def test_the_cpu_server_binds_every_core_unless_told_otherwise(tmp_path, monkeypatch):
+    from conftest import write_config
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    cores = ",".join(str(core) for core in sorted(os.sched_getaffinity(0)))
+    _, env = vllm_command(write_config(tmp_path / "all", tmp_path, {}, 8000), 8000, "cpu")
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == cores and env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    _, env = vllm_command(write_config(tmp_path / "auto", tmp_path, {}, 8000, cpu_thread_binding="vllm-auto"),
+                          8000, "cpu")
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in env and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in env
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")  # the user's environment wins
+    _, env = vllm_command(write_config(tmp_path / "mine", tmp_path, {}, 8000), 8000, "cpu")
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0"
