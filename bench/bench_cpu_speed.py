@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -55,15 +56,8 @@ def weight_bytes(model_dir: str, dtype: str) -> int:
         with safe_open(str(file), "pt") as handle:
             for name in handle.keys():
                 if "lm_head" not in name:  # tied to the embedding: read once per step
-                    count += _numel(handle.get_slice(name).get_shape())
+                    count += math.prod(handle.get_slice(name).get_shape())
     return count * (2 if dtype in ("bfloat16", "float16") else 4)
-
-
-def _numel(shape) -> int:
-    total = 1
-    for size in shape:
-        total *= size
-    return total
 
 
 def timed_stream(client: openai.OpenAI, model: str, tokens: int, seed: int, out: dict) -> None:
