@@ -90,6 +90,24 @@ def wait_for(predicate, timeout_s: float = 120, what: str = "condition", page=No
     raise AssertionError(f"timed out waiting for {what}{seen}")
 
 
+def settled_answers(page, count: int, accept=lambda texts: True, judge_buttons: int | None = None):
+    """A wait_for predicate: the `count` assistant answers once they are finished and `accept`ed.
+    Finished means `judge_buttons` (default: one per answer) show, which the page draws only under
+    the last turn's done answers, no script run is
+    going, and two reads a poll apart agree: between two streamed chunks the page can look idle
+    (a CI run read an answer nine characters short)."""
+    reads = []
+
+    def predicate():
+        texts = assistant_texts(page)
+        done = (len(texts) == count and all(t not in ("", "…") for t in texts)
+                and page.get_by_role("button", name="Judge", exact=True).count() >= (judge_buttons or count)
+                and page.locator('[data-testid="stStatusWidget"]').count() == 0 and accept(texts))
+        reads.append(texts if done else None)
+        return done and len(reads) > 1 and reads[-2] == texts and texts
+    return predicate
+
+
 def ask_three_columns(page, url: str, prompt: str, shots: str, timeout_s: float = 120) -> list[str]:
     """Open the chat at `url`, ask `prompt` in every column and wait for the three answers;
     screenshots `<shots>-three-columns.png` (or `<shots>-failed-to-load.png`) in test-artifacts/."""
@@ -102,9 +120,7 @@ def ask_three_columns(page, url: str, prompt: str, shots: str, timeout_s: float 
         page.screenshot(path=str(ARTIFACTS / f"{shots}-failed-to-load.png"), full_page=True)
         raise
     page.keyboard.press("Enter")
-    texts = wait_for(lambda: (t := assistant_texts(page)) and len(t) == 3 and all(x not in ("", "…") for x in t)
-                     and page.locator('[data-testid="stStatusWidget"]').count() == 0 and t,
-                     timeout_s=timeout_s, what=f"three answers to {prompt!r}", page=page)
+    texts = wait_for(settled_answers(page, 3), timeout_s=timeout_s, what=f"three answers to {prompt!r}", page=page)
     page.screenshot(path=str(ARTIFACTS / f"{shots}-three-columns.png"), full_page=True)
     return texts
 
@@ -128,10 +144,8 @@ def test_chat_three_columns_and_the_live_slider(dashboard, browser):
         wait_for(lambda: slider.count() == 1, what="a single live ablation slider", page=page)
         slider.focus()
         page.keyboard.press(key)
-        changed = wait_for(lambda: (t := assistant_texts(page)) and len(t) == 3 and t[2] != previous[2]
-                           and t[2] not in ("", "…") and f"strength%3D{strength}&" in page.url
-                           and page.locator('[data-testid="stStatusWidget"]').count() == 0
-                           and t, what=f"the ablated column to change at strength {strength}", page=page)
+        changed = wait_for(settled_answers(page, 3, lambda t: t[2] != previous[2] and f"strength%3D{strength}&" in page.url),
+                           what=f"the ablated column to change at strength {strength}", page=page)
         assert changed[:2] == texts[:2]
     page.screenshot(path=str(ARTIFACTS / "chat-after-slider.png"), full_page=True)
 

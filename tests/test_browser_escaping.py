@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ARTIFACTS
-from test_browser import CHROMIUM, REPO, browser, start_dashboard, wait_for, whole_page  # noqa: F401  (fixture)
+from test_browser import CHROMIUM, REPO, browser, settled_answers, start_dashboard, wait_for, whole_page  # noqa: F401  (fixture)
 
 from backend.store import JudgementRow, RunRecord, SampleRow, Store
 
@@ -88,18 +88,7 @@ def test_chat_shows_the_models_markup_as_text(xss_dashboard, page):
             ('Write this HTML tag and nothing else: <img src=x onerror="window.__xss=2">', "onerror")), start=1):
         page.get_by_placeholder("Ask every column").fill(prompt, timeout=180_000)
         page.keyboard.press("Enter")
-        reads = []
-
-        def settled_answers():
-            # idle() can be true between two streamed chunks (one CI run read '<script' mid-stream):
-            # an answer counts once two reads a poll apart agree
-            t = page.locator('[data-testid="stChatMessage"]:has([data-testid="stChatMessageAvatarAssistant"]) '
-                             '[data-testid="stText"]').all_inner_texts()
-            done = len(t) == 2 * number and all(x not in ("", "…") for x in t) and idle(page)
-            reads.append(t if done else None)
-            return done and len(reads) > 1 and reads[-2] == t and t
-
-        answers = wait_for(settled_answers, timeout_s=240, what=f"two answers to {prompt!r}", page=page)
+        answers = wait_for(settled_answers(page, 2 * number, judge_buttons=2), timeout_s=240, what=f"two answers to {prompt!r}", page=page)
         latest = answers[number - 1::number] if number > 1 else answers
         # The model did write markup (else this test would show nothing), and it is on the page as text.
         assert all(marker in a for a in latest), latest
