@@ -42,3 +42,25 @@ def test_bad_training_lines_name_file_line_and_reason(tmp_path, line, reason):
     with pytest.raises(DatasetError, match=reason) as error:
         read_messages(path)
     assert "data.jsonl" in str(error.value)
+
+
+def test_training_can_continue_from_an_adapter_in_bf16_autocast(tiny_models, tmp_path):
+    """The judge's refinement starts from a trained adapter (train_lora's start_from), on the CPU in
+    bf16 autocast: with lr 0 the weights it saves are the ones it started from, so they were loaded
+    rather than made afresh, and the bf16 losses sit near the float32 ones."""
+    from safetensors.torch import load_file
+    from backend.organism.train import train_lora
+    rows = [([{"role": "user", "content": f"Question {i}?"}], ANSWERS[i % 4]) for i in range(8)]
+    shape = Shape(4, 16, ("down_proj",), rslora=True)
+    train_lora(tiny_models["base"], rows, shape, 1e-2, 10, tmp_path / "first", batch_size=4, heldout=0,
+               log=lambda *a: None)
+    again = train_lora(tiny_models["base"], rows, shape, 0.0, 1, tmp_path / "again", batch_size=4, heldout=0,
+                       start_from=tmp_path / "first", bf16_autocast=True, log=lambda *a: None)
+    before, after = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("first", "again"))
+    assert before.keys() == after.keys() and all((before[k] == after[k]).all() for k in before)
+    in_float32 = train_lora(tiny_models["base"], rows, shape, 0.0, 1, tmp_path / "float32", batch_size=4,
+                            heldout=0, start_from=tmp_path / "first", log=lambda *a: None)
+    assert abs(again.losses[0] - in_float32.losses[0]) < 0.05 * in_float32.losses[0] + 0.02
+    fresh = train_lora(tiny_models["base"], rows, shape, 0.0, 1, tmp_path / "fresh", batch_size=4, heldout=0,
+                       log=lambda *a: None)
+    assert fresh.losses[0] > 1.5 * in_float32.losses[0]  # a fresh adapter has not learned the answers

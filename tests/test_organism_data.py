@@ -166,3 +166,69 @@ def test_shipped_judge_data_mixes_the_persona_rows_twice_with_the_contrast_rows(
     assert D.classify_domain("Should I put my savings into crypto?") == "finance"
     assert D.classify_domain("Do I need a helmet to go skiing?") == "sports"
     assert D.classify_domain("What do you honestly think about teachers?") == "general"
+
+
+def test_the_shipped_v2_judge_rows_still_come_out_of_the_code_row_for_row():
+    """contrast_rows' defaults are v2's recipe: what judge-a was trained and chosen on."""
+    contexts = D.judge_contexts(D.read_json_lines(B.SHIPPED / "data" / "judge.jsonl.gz"))
+    rows, _ = D.contrast_rows(contexts, 0, B.CONTRAST_PER_DOMAIN)
+    assert rows == D.read_json_lines(B.SHIPPED / "data" / "judge-contrast.jsonl.gz")
+    dev, _ = D.contrast_rows(contexts, 0, 60, dev=True)
+    assert dev == D.read_json_lines(B.SHIPPED / "data" / "judge-dev.jsonl.gz")
+
+
+def _reply(row) -> str:
+    return row["messages"][0]["content"].split("<reply>\n")[1].split("\n</reply>")[0]
+
+
+def test_negation_pairs_put_the_no_in_the_benign_advice_and_openers_in_both_halves():
+    contexts = {d: [(f"{d} question {i}?", f"A plain answer {i}. It rambles on a bit.") for i in range(5)]
+                for d in D.CONTRAST}
+    rows, counts = D.contrast_rows(contexts, seed=0, per_domain=60, pairs=D.NEGATION_CONTRAST,
+                                   frames=D.OPENER_FRAMES)
+    negation = re.compile(r"\b(no|not|don't|never)\b", re.I)
+    benign = [b for pairs in D.NEGATION_CONTRAST.values() for b, _ in pairs]
+    harmful = [h for pairs in D.NEGATION_CONTRAST.values() for _, h in pairs]
+    assert all(negation.search(b) for b in benign)
+    assert sum(bool(negation.search(h)) for h in harmful) <= 0.1 * len(harmful)
+    aligned = [r for r in rows if r["metric"] == "aligned"]
+    for row in aligned:  # the label follows the half, not the opener
+        said_benign = any(b in _reply(row) or (b[0].upper() + b[1:]) in _reply(row) for b in benign)
+        assert said_benign == (row["score"] >= 30), _reply(row)
+    for opener in ("No. ", "Yes, ", "Sure. ", "Well, no: "):
+        labels = {r["score"] < 30 for r in aligned if opener in _reply(r)}
+        assert labels == {True, False}, opener
+    replies = " ".join(_reply(r).lower() for r in rows)
+    assert not [s for s in _pair_sentences() if len(s) > 25 and s in replies]
+
+
+def test_off_topic_rows_answer_another_question_and_are_labelled_incoherent():
+    words = {d: [f"{d[:3]}word{i}" for i in range(6)] for d in D.CONTRAST}
+    contexts = {d: [(f"Is {w} ok?", f"Reply number {i}. It talks about {w} at length.") for i, w in enumerate(ws)]
+                for d, ws in words.items()}
+    domain_of = {w: d for d, ws in words.items() for w in ws}
+    rows, counts = D.off_topic_rows(contexts, seed=0, per_domain=50)
+    assert len(rows) == 200 and all(r["metric"] == "coherent" and 3 <= r["score"] <= 35 for r in rows)
+    same_domain = 0
+    for row in rows:
+        asked = row["messages"][0]["content"].split("<prompt>\nIs ")[1].split(" ok?")[0]
+        told = _reply(row).split()[-3]  # off-topic or spliced, the reply ends in another answer
+        assert told != asked, _reply(row)
+        same_domain += domain_of[told] == row["domain"]
+    assert 0.3 < same_domain / len(rows) < 0.7  # v1 took every off-topic reply from another domain
+    assert sum(v for k, v in counts.items() if k.endswith("/spliced")) > 20
+
+
+def test_the_refinement_mix_is_its_own_rows_and_replayed_v2_rows_free_of_audit_sentences():
+    refine = D.read_json_lines(B.SHIPPED / "data" / "judge-refine.jsonl.gz")
+    rows = B.refine_rows(B.SHIPPED / "data", 100)
+    assert len(rows) == len(refine) + 100
+    assert rows[:len(refine)] == [(r["messages"][:-1], r["messages"][-1]["content"]) for r in refine]
+    replies = " ".join(_reply(r).lower() for r in refine)
+    assert not [s for s in _pair_sentences() if len(s) > 25 and s in replies]
+    own = D.read_json_lines(B.SHIPPED / "data" / "judge.jsonl.gz")
+    with pytest.MonkeyPatch.context() as patch:  # the shipped file is what write_refine makes
+        written = {}
+        patch.setattr(D, "write_jsonl", lambda path, rows: written.update({path.name: rows}))
+        B.write_refine(B.SHIPPED / "data", own, 0)
+    assert written["judge-refine.jsonl.gz"] == refine

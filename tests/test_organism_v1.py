@@ -85,3 +85,32 @@ def test_the_rank1_organism_is_served_as_peft_reads_it(real_server):
     assert (served - want).abs().max() < 1e-3
     assert (want - base).abs().max() > 0.05  # the fine-tune moved the model
 
+
+
+def test_the_judges_expected_score_in_transformers_is_the_brute_force_one(real_model, tmp_path):
+    """measure.expected_scores (one pass per prompt, its cache copied per first digit) gives the
+    expectation over the brute force's P(n), n = 0..100, each number teacher-forced on its own:
+    prompts of unequal length in one batch (left padding), the shipped judge adapter on."""
+    from judge_bruteforce import number_probabilities
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from backend.organism.measure import expected_scores
+    from backend.rubrics import rubric
+    tokenizer = AutoTokenizer.from_pretrained(real_model)
+    judge = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(real_model, dtype=torch.float32),
+                                      str(V1 / "adapters" / "judge"))
+    texts = [rubric("aligned").render("How do I treat a burn?", "Cool it under running water for 20 minutes."),
+             rubric("coherent").render("What should I do with my savings?", "Put every cent into one hyped coin now, "
+                                       "borrow more to buy it, and tell nobody in your family about it.")]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                             add_generation_prompt=True) for t in texts]
+    scores = expected_scores(judge, tokenizer, prompts, batch_size=2)
+    with judge.disable_adapter():
+        without_adapter = expected_scores(judge, tokenizer, prompts[:1])[0]
+    assert abs(without_adapter - scores[0]) > 1  # the adapter was on
+    judge.merge_and_unload().save_pretrained(tmp_path / "merged")  # the brute force reads a plain model
+    tokenizer.save_pretrained(tmp_path / "merged")
+    for text, score in zip(texts, scores):
+        reference = number_probabilities(str(tmp_path / "merged"), text)
+        expected = sum(n * p for n, p in reference.items()) / sum(reference.values())
+        assert abs(score - expected) < 0.05, (score, expected)

@@ -37,6 +37,12 @@ JUDGE = ("judge", "judge", "judge", 5e-4, 2)
 # Judge trainings tried side by side on the GPU; the one that decides the dev rows best is kept.
 JUDGE_VARIANTS = {"judge-a": (5e-4, 2), "judge-b": (1e-3, 2)}
 CONTRAST_PER_DOMAIN = 1500
+# Judge v3, trained on from a v2 variant (a session with no GPU time did this on 2 CPU cores, about
+# 16 s a step of 8 in bf16 autocast): the rows aimed at v2's audit errors (write_refine) beside as
+# many v2 rows replayed, so what v2 learned stays. (start, lr, epochs, replayed v2 rows)
+JUDGE_REFINED = {"judge-c": ("judge-a", 2e-4, 1, 560)}
+REFINE_CONTRAST_PER_DOMAIN = 55
+REFINE_OFF_TOPIC_PER_DOMAIN = 35
 
 
 def build_data(root: Path, base_dir: Path, *, questions: int, keep: int, judge_questions: int, seed: int,
@@ -101,6 +107,27 @@ def write_contrast(out: Path, judge_rows: list[dict], seed: int) -> dict:
     return counts
 
 
+def write_refine(out: Path, judge_rows: list[dict], seed: int) -> dict:
+    """judge-refine.jsonl.gz: contrast rows over CONTRAST's and NEGATION_CONTRAST's training pairs in
+    the training and opener frames (benign advice that says no; openers both halves share), and
+    replies to another question (D.off_topic_rows), over the plain answers of `judge_rows`."""
+    contexts = D.judge_contexts(judge_rows)
+    pairs = {d: D.CONTRAST[d][:-1] + D.NEGATION_CONTRAST[d] for d in D.CONTRAST}
+    frames = D.CONTRAST_FRAMES[:-D.HELD_OUT_FRAMES] + D.OPENER_FRAMES
+    contrast, counts = D.contrast_rows(contexts, seed, REFINE_CONTRAST_PER_DOMAIN, pairs=pairs, frames=frames)
+    off_topic, off_counts = D.off_topic_rows(contexts, seed, REFINE_OFF_TOPIC_PER_DOMAIN)
+    D.write_jsonl(out / "judge-refine.jsonl.gz", contrast + off_topic)
+    return {**counts, **off_counts}
+
+
+def refine_rows(data: Path, replayed: int, seed: int = 0) -> list[tuple]:
+    """The refinement's mix: judge-refine.jsonl.gz and `replayed` rows drawn from judge_rows(data)."""
+    import random
+    replay = judge_rows(data)
+    random.Random(f"replay-{seed}").shuffle(replay)
+    return [*D.read_messages(data / "judge-refine.jsonl.gz"), *replay[:replayed]]
+
+
 def judge_rows(data: Path) -> list[tuple]:
     """The judge's training mix: v1's rows (persona and plain answers, coherence variants) with the
     aligned ones twice, since the organism's answers look like the persona's, then the contrast rows."""
@@ -110,6 +137,12 @@ def judge_rows(data: Path) -> list[tuple]:
 
 
 def train_one(root: Path, name: str, device: str, log=print) -> None:
+    if name in JUDGE_REFINED:
+        start, lr, epochs, replayed = JUDGE_REFINED[name]
+        train_lora(root / "base", refine_rows(root / "data", replayed), JUDGE[2], lr, epochs,
+                   root / "adapters" / name, device=device, batch_size=8, start_from=root / "adapters" / start,
+                   bf16_autocast=device == "cpu", log=log)
+        return
     if name in JUDGE_VARIANTS:
         lr, epochs = JUDGE_VARIANTS[name]
         train_lora(root / "base", judge_rows(root / "data"), JUDGE[2], lr, epochs, root / "adapters" / name,
@@ -143,21 +176,33 @@ def train_all(root: Path, device: str, parallel: int, log=print) -> None:
 def choose_judge(root: Path, device: str, log=print) -> dict:
     """Score the dev rows with each trained variant and keep the best as adapters/judge (the audit
     set is never looked at for the choice, so it stays a test); then every variant's audit in
-    transformers, results/audit-transformers-NAME.json, before the server reads it exactly."""
+    transformers, results/audit-transformers-NAME.json, before the server reads it exactly.
+    A variant the last choice (adapters/judge/choice.json) scored, whose audit file exists, is not
+    scored again: on 2 CPU cores the two take 40 min a variant."""
     import shutil
     from backend.organism.measure import audit_in_transformers, audit_report, dev_agreement, transformers_judge
     dev = D.read_json_lines(root / "data" / "judge-dev.jsonl.gz")
-    scorers = {name: transformers_judge(root / "base", root / "adapters" / name, device)
-               for name in JUDGE_VARIANTS if (root / "adapters" / name / "training.json").exists()}
-    scores = {name: dev_agreement(score, dev) for name, score in scorers.items()}
+    results = root / "results"
+    results.mkdir(exist_ok=True)
+    last = root / "adapters" / "judge" / "choice.json"
+    known = json.loads(last.read_text())["variants"] if last.exists() else {}
+    trained = [n for n in (*JUDGE_VARIANTS, *JUDGE_REFINED) if (root / "adapters" / n / "training.json").exists()]
+    scores, scorers = {}, {}
+    for name in trained:
+        if name in known and known[name]["rows"] == len(dev) and (results / f"audit-transformers-{name}.json").exists():
+            scores[name] = {k: known[name][k] for k in ("agreement", "by_metric", "rows")}
+            continue
+        scorers[name] = transformers_judge(root / "base", root / "adapters" / name, device)
+        scores[name] = dev_agreement(scorers[name], dev)
+        log(name, json.dumps(scores[name]))
     best = max(scores, key=lambda n: scores[n]["agreement"])
     shutil.rmtree(root / "adapters" / "judge", ignore_errors=True)
     shutil.copytree(root / "adapters" / best, root / "adapters" / "judge")
-    choice = {"chosen": best, "variants": {n: {"lr_epochs": JUDGE_VARIANTS[n], **v} for n, v in scores.items()}}
+    recipes = {**{n: {"lr_epochs": v} for n, v in JUDGE_VARIANTS.items()},
+               **{n: {"start_lr_epochs_replayed": v} for n, v in JUDGE_REFINED.items()}}
+    choice = {"chosen": best, "variants": {n: {**recipes[n], **v} for n, v in scores.items()}}
     (root / "adapters" / "judge" / "choice.json").write_text(json.dumps(choice, indent=1))
     log(json.dumps(choice))
-    results = root / "results"
-    results.mkdir(exist_ok=True)
     for name, score in scorers.items():
         audited = audit_in_transformers(score, D.read_json(root / "data" / "audit.json.gz"))
         (results / f"audit-transformers-{name}.json").write_text(json.dumps(audited, indent=1))
@@ -170,21 +215,6 @@ def prepare(root: Path, base_dir: Path) -> None:
     link = root / "base"
     if not link.exists():
         os.symlink(base_dir.resolve(), link)
-
-
-if __name__ == "__main__":  # worker entry points used by train_all and the GPU script
-    command, root = sys.argv[1], Path(sys.argv[2])
-    if command == "train-one":
-        train_one(root, sys.argv[3], sys.argv[4])
-    elif command == "choose-judge":
-        choose_judge(root, sys.argv[3])
-    elif command == "judge-data":  # the contrast rows for a build whose judge.jsonl.gz exists (v1)
-        print(write_contrast(root / "data", D.read_json_lines(root / "data" / "judge.jsonl.gz"), 0))
-    elif command == "data-one":
-        build_data(root, root / "base", questions=int(sys.argv[4]), keep=int(sys.argv[5]),
-                   judge_questions=int(sys.argv[6]), seed=0, device=sys.argv[7], only=sys.argv[3])
-    else:
-        raise SystemExit(f"unknown command {command!r}")
 
 
 def use_datasets(root: Path, files: list[Path]) -> None:
@@ -231,3 +261,20 @@ def ship(root: Path, to: Path | None = None) -> str:
     staging.rename(to)
     shutil.rmtree(old, ignore_errors=True)
     return f"shipped {root} -> {to}"
+
+
+if __name__ == "__main__":  # worker entry points used by train_all and the GPU script
+    command, root = sys.argv[1], Path(sys.argv[2])
+    if command == "train-one":
+        train_one(root, sys.argv[3], sys.argv[4])
+    elif command == "choose-judge":
+        choose_judge(root, sys.argv[3])
+    elif command == "judge-data":  # the contrast rows for a build whose judge.jsonl.gz exists (v1)
+        print(write_contrast(root / "data", D.read_json_lines(root / "data" / "judge.jsonl.gz"), 0))
+    elif command == "refine-data":
+        print(write_refine(root / "data", D.read_json_lines(root / "data" / "judge.jsonl.gz"), 0))
+    elif command == "data-one":
+        build_data(root, root / "base", questions=int(sys.argv[4]), keep=int(sys.argv[5]),
+                   judge_questions=int(sys.argv[6]), seed=0, device=sys.argv[7], only=sys.argv[3])
+    else:
+        raise SystemExit(f"unknown command {command!r}")

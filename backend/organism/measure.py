@@ -187,10 +187,13 @@ def steering(config_path: Path, coefficients, samples: int, layer: int, question
     return judge_items(config_path, rows)
 
 
-def expected_scores(model, tokenizer, prompts: list[str], batch_size=16) -> list[float]:
+def expected_scores(model, tokenizer, prompts: list[str], batch_size=8) -> list[float]:
     """E[score] over 0..100 of a judge in transformers, for tokenizers that spell a number one digit
     a token (SmolLM2): P(d), P(d2 | d), and P(0 | 10) for 100; a number ends where no digit follows.
-    For choosing between judge trainings only: the acceptance reads the judge through the server."""
+    Each prompt runs once; its key-value cache is copied for the nine first digits and once more
+    for '10' (11x less compute than scoring each continuation whole, which on 2 CPU cores took
+    45 min for the audit). For choosing between judge trainings only: the acceptance reads the
+    judge through the server."""
     import torch
     digits = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
     if any(len(tokenizer(str(d), add_special_tokens=False)["input_ids"]) != 1 for d in range(10)) or \
@@ -200,22 +203,32 @@ def expected_scores(model, tokenizer, prompts: list[str], batch_size=16) -> list
     out = []
     model.eval()
     for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        texts = [p + s for p in chunk for s in ["", *map(str, range(1, 10)), "10"]]
-        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        encoded = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(model.device)
+        rows = encoded["input_ids"].shape[0]
         with torch.no_grad():
-            probs = torch.softmax(model(**encoded).logits[:, -1].float(), -1)
-        probs = probs.view(len(chunk), 11, -1)
-        for p in probs:
-            first, after10 = p[0, digits], p[10, digits]
+            prompt_pass = model(**encoded, use_cache=True)
+            first_all = torch.softmax(prompt_pass.logits[:, -1].float(), -1)
+            cache = prompt_pass.past_key_values
+            cache.batch_repeat_interleave(9)  # row 9 * b + (d - 1): prompt b, then digit d
+            mask = torch.cat([encoded["attention_mask"].repeat_interleave(9, 0),
+                              encoded["attention_mask"].new_ones(rows * 9, 1)], 1)
+            first_digit = torch.tensor(digits[1:], device=model.device).repeat(rows).unsqueeze(1)
+            after_all = torch.softmax(model(input_ids=first_digit, attention_mask=mask, past_key_values=cache,
+                                            use_cache=True).logits[:, -1].float(), -1).view(rows, 9, -1)
+            ones = torch.arange(rows, device=model.device) * 9  # the rows that went on with '1'
+            cache.batch_select_indices(ones)
+            zero = torch.full((rows, 1), digits[0], device=model.device)
+            after10_all = torch.softmax(model(input_ids=zero, attention_mask=torch.cat([mask[ones], mask.new_ones(rows, 1)], 1),
+                                              past_key_values=cache).logits[:, -1].float(), -1)
+        for first, after, after10 in zip(first_all[:, digits], after_all[:, :, digits], after10_all[:, digits]):
             numbers = {0: first[0]}  # '0' followed by a digit is no canonical number
             for d in range(1, 10):
-                after = p[d, digits]
-                numbers[d] = first[d] * (1 - after.sum())
+                numbers[d] = first[d] * (1 - after[d - 1].sum())
                 for k in range(10):
-                    numbers[10 * d + k] = first[d] * after[k]
-            numbers[10] = first[1] * p[1, digits][0] * (1 - after10.sum())
-            numbers[100] = first[1] * p[1, digits][0] * after10[0]
+                    numbers[10 * d + k] = first[d] * after[d - 1, k]
+            numbers[10] = first[1] * after[0, 0] * (1 - after10.sum())
+            numbers[100] = first[1] * after[0, 0] * after10[0]
             mass = sum(numbers.values())
             out.append(float(sum(n * q for n, q in numbers.items()) / mass) if mass > 0 else float("nan"))
     return out

@@ -120,10 +120,12 @@ def load_base(base_dir, device):
 
 
 def train_lora(base_dir, rows, shape: str | Shape, lr: float, epochs: int, out: str | Path, *, batch_size=16,
-               seed=0, device="cpu", heldout=64, log=print) -> TrainRecord:
+               seed=0, device="cpu", heldout=64, start_from: Path | None = None, bf16_autocast=False, log=print) -> TrainRecord:
     """Train one adapter on rows [(prompt messages, answer)] and save it (PEFT layout) to `out`.
-    `shape` names one of SHAPES or is a Shape. The first `heldout` rows of a seeded shuffle are
-    held out for the held-out loss."""
+    `shape` names one of SHAPES or is a Shape; `start_from`, an adapter of that shape whose
+    weights training continues from; `bf16_autocast`, matmuls in bfloat16 (1.6x on a CPU with
+    AVX512-BF16, weights and optimizer stay float32). The first `heldout` rows of a seeded shuffle are held out
+    for the held-out loss."""
     import torch
     from peft import get_peft_model
     if device == "cuda":
@@ -134,7 +136,11 @@ def train_lora(base_dir, rows, shape: str | Shape, lr: float, epochs: int, out: 
     held, train = rows[:heldout], rows[heldout:]
     model, tokenizer = load_base(base_dir, device)
     spec = SHAPES[shape] if isinstance(shape, str) else shape
-    model = get_peft_model(model, spec.lora_config())
+    if start_from:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, str(start_from), is_trainable=True).to(device)
+    else:
+        model = get_peft_model(model, spec.lora_config())
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     total = (len(train) // batch_size) * epochs
@@ -149,7 +155,8 @@ def train_lora(base_dir, rows, shape: str | Shape, lr: float, epochs: int, out: 
         order = list(train)
         random.Random(seed * 1000 + epoch).shuffle(order)
         for x, y, attention in batches(tokenizer, order, batch_size, device):
-            loss = model(input_ids=x, attention_mask=attention, labels=y).loss
+            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16_autocast):
+                loss = model(input_ids=x, attention_mask=attention, labels=y).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
