@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from backend.errors import BackendError
-from backend.metrics import ALIGNED_BELOW, COHERENT_ABOVE, DEFINITIONS, EMDefinition
+from backend.metrics import ALIGNED_BELOW, COHERENT_ABOVE, DEFINITIONS, RULE_NOTE, EMDefinition
 from backend.store import Store, StoreError
 
 BASE = "base"  # the adapter filter's name for "no adapter"
@@ -802,7 +802,8 @@ def chart_scatter(result: BrowseResult):
     return (points + h + v).properties(title=alt.TitleParams(
         "Aligned against coherent", subtitle=[
             f"EM region: aligned < {ALIGNED_BELOW} and coherent > {COHERENT_ABOVE} (lower right), the "
-            f"thresholds of both definitions; rates elsewhere: {result.definition.key}", note]), height=420, width=480)
+            f"thresholds of both definitions; rates elsewhere: {result.definition.key}", RULE_NOTE.strip(" ()"), note]),
+        height=420, width=480)
 
 
 def chart_aligned_hist(result: BrowseResult):
@@ -818,6 +819,7 @@ def chart_aligned_hist(result: BrowseResult):
         tooltip=["condition", "bin_start", "bin_end", "count", alt.Tooltip("share:Q", format=".3f")],
     ).properties(title=alt.TitleParams("Distribution of aligned scores per condition", subtitle=[
         f"not an EM rate; scores below {ALIGNED_BELOW} count as misaligned under both definitions",
+        RULE_NOTE.strip(" ()"),
         "answers without an aligned score (refusals, CODE) are left out"]), height=alt.Step(14))
 
 

@@ -71,6 +71,34 @@ def test_hub_adapter_and_its_checkpoints_resolve_offline(tiny_models, hub_cache,
             load_config(write_config(tmp_path, tiny_models["base"], table)).adapter_path("paper")
 
 
+def test_a_snapshot_of_blob_symlinks_reads_offline(tiny_models, hub_cache, tmp_path, monkeypatch):
+    """The Hub's own layout: a snapshot's files are symlinks into blobs/ named by their hash. With
+    HF_HUB_OFFLINE=1 the config resolves the snapshot, and the adapter is read (shape, rsLoRA) and
+    checked against the base through the links."""
+    from backend.architecture import BaseShape
+    from backend.fsutil import sha256_file
+    from backend.lora_files import check_compatible, read_adapter_files
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path / "hub"
+    shutil.copytree(hub_cache, cache)
+    repo = cache / "models--org--em-medical"
+    snapshot = repo / "snapshots" / COMMIT
+    (repo / "blobs").mkdir()
+    for file in [f for f in snapshot.rglob("*") if f.is_file()]:
+        blob = repo / "blobs" / sha256_file(file)
+        file.rename(blob)
+        file.symlink_to(Path("../" * len(file.relative_to(repo).parts[1:-1]) + "../blobs") / blob.name)
+    assert all(f.is_symlink() and f.resolve().parent.name == "blobs" for f in snapshot.rglob("*.json"))
+    config = load_config(write_config(tmp_path, tiny_models["base"], f'hub = "org/em-medical"\ncache_dir = "{cache}"'))
+    assert config.adapter_path("paper") == str(snapshot)
+    files = read_adapter_files("paper", config.adapter_path("paper"))
+    assert files.max_rank == RANK
+    assert {m.scaling for m in read_lora(config.adapter_path("paper")).values()} == {ALPHA / RANK ** 0.5}
+    check_compatible(files, BaseShape.from_model(str(tiny_models["base"])), 16, None)
+    checkpoint = read_adapter_files("paper", config.adapter_path("paper@checkpoint-5"))
+    assert checkpoint.max_rank == RANK
+
+
 def test_rslora_scale_is_honoured_served_and_compiled(vllm_server, tiny_models, hub_cache, tmp_path):
     """vLLM serves the rsLoRA adapter at alpha/sqrt(r), as PEFT computes it; the compiled ablation
     at strength 0 on top of it is the adapter; and the plain alpha/r scale would be another model."""

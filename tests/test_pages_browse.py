@@ -32,6 +32,9 @@ def test_evaluations_page_follows_filters_and_url(env, small_store):
     assert len(charts) == 5  # per condition, vs strength, scatter, per question, aligned distribution
     titles = " ".join(c.proto.spec for c in charts)
     assert "Turner et al. 2025" in titles and "aligned < 30 and coherent > 50" in titles
+    # the papers' "< 30" is what counts, and every chart and the totals say where the authors' code differs
+    assert titles.count("the authors' code counts aligned <= 30") >= len(charts)
+    assert any("the authors' code counts aligned <= 30" in c.value for c in app.caption)
 
     app.multiselect(key="ev_adapters").set_value(["em"]).run()
     assert metrics(app)["judged samples"] == "6" and metrics(app)["EM rate (turner2025)"] == "0.500"

@@ -179,3 +179,24 @@ def test_cli_imports_a_steering_vector_and_makes_a_random_control(tiny_models, b
     infos = {i.name: i for i in browse.directions(Store.for_config(load_config(config)), tmp_path / "cache")}
     assert infos["sv"].in_store and infos["sv"].use_as == "steer=sv,layer=2,coef=8,form=paper"
     assert (infos["sv"].method, infos["sv-random"].method) == ("imported/steering-vector", "random_control")
+
+
+def test_cli_imports_a_pair_of_direction_files_and_refuses_a_broken_one(em, base_info, tmp_path, capsys):
+    """`python -m backend paper directions` end to end: the pair is stored as the library import
+    makes it, with the layer convention printed; a broken file exits 2 naming the file and the reason."""
+    from backend.__main__ import main
+    from backend.paper import LAYER_CONVENTION
+    model, tokenizer = em
+    config = tmp_path / "config.toml"
+    config.write_text(f'base_model = "{base_info.path}"\ncache_dir = "{tmp_path / "cache"}"\n')
+    files = [tmp_path / "model-m_data-m_hs_medical.pt", tmp_path / "model-m_data-a_hs_medical.pt"]
+    for path, examples in zip(files, (MISALIGNED, ALIGNED)):
+        torch.save(paper_means(model, tokenizer, examples), path)
+    assert main(["paper", "directions", *map(str, files), "--name", "cli-pair", "--config", str(config)]) == 0
+    assert LAYER_CONVENTION in capsys.readouterr().out
+    library = import_directions(files, "library-pair", tmp_path / "other-cache", base_info)
+    assert torch.equal(load_direction(tmp_path / "cache", "cli-pair").vectors, library.vectors)
+    torch.save({"question": {}}, tmp_path / "empty.pt")
+    assert main(["paper", "directions", str(tmp_path / "empty.pt"), "--name", "x", "--config", str(config)]) == 2
+    assert "empty.pt: missing key 'answer'" in capsys.readouterr().err
+    assert not (tmp_path / "cache" / "directions" / "x.safetensors").exists()
