@@ -11,7 +11,7 @@ from backend.config import load_config
 def _build(args) -> int:
     from backend.models import DEFAULT_MODEL, folder_name
     from backend.organism import build as B
-    from backend.organism.measure import run
+    from backend.organism.measure import Scale, run
     root = Path(args.out)
     base = Path(args.base) if args.base else Path("cache/models") / folder_name(DEFAULT_MODEL)
     if not (base / "config.json").is_file():
@@ -30,7 +30,10 @@ def _build(args) -> int:
     if "train" in stages:
         B.train_all(root, args.device, args.parallel)
     if "measure" in stages:
-        run(root, args.deadline)
+        defaults = Scale()
+        run(root, args.deadline, Scale(samples=args.samples or defaults.samples, specs=tuple(args.condition or ()),
+                                       heldout=not args.no_heldout,
+                                       coefficients=() if args.no_steering else defaults.coefficients))
     return 0
 
 
@@ -86,6 +89,12 @@ def register(commands, common: argparse.ArgumentParser) -> None:
     build.add_argument("--parallel", type=int, default=1, help="trainings at once")
     build.add_argument("--deadline", type=float, default=3600, help="seconds for the measure stage")
     build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--samples", type=int, help="measure: samples per paraphrase of the 8 first-plot questions "
+                       "(default: the acceptance's 17, 51 a question; fewer is a preview, not the acceptance)")
+    build.add_argument("--condition", action="append", metavar="SPEC",
+                       help="measure: only these conditions (repeatable; default: the acceptance's 14)")
+    build.add_argument("--no-heldout", action="store_true", help="measure: skip the held-out domain questions")
+    build.add_argument("--no-steering", action="store_true", help="measure: skip steering the base")
     build.set_defaults(func=_build)
 
     report = sub.add_parser("report", parents=[common], help="the acceptance table of a measured build (markdown + manifest)")

@@ -294,9 +294,14 @@ def run(root: Path, deadline_s: float, scale: Scale = Scale()) -> None:
     def left() -> float:
         return deadline_s - (time.time() - start)
 
-    config = serve(root)
+    # Only what the chosen conditions use: vLLM's CPU build serves rank <= 16 (not medical-r32).
+    named = {key: {part.split("=", 1)[1] for spec in scale.specs for part in spec.split(",")
+                   if part.startswith(f"{key}=")} for key in ("adapter", "direction")}
+    config = serve(root, tuple(n for n in EM_ADAPTERS if not scale.specs or n in named["adapter"]) + ("judge",))
     print(f"served after {time.time() - start:.0f} s", flush=True)
-    extract_directions(config, root, scale.direction_rows, scale.directions or EM_ADAPTERS)
+    directions = scale.directions or (tuple(d for d in EM_ADAPTERS if d in named["direction"]) if scale.specs
+                                      else EM_ADAPTERS)
+    extract_directions(config, root, scale.direction_rows, directions)
     print(f"directions after {time.time() - start:.0f} s", flush=True)
     audit = results / "audit.json"
     if not audit.exists():
