@@ -178,7 +178,7 @@ def choose_judge(root: Path, device: str, log=print) -> dict:
     set is never looked at for the choice, so it stays a test); then every variant's audit in
     transformers, results/audit-transformers-NAME.json, before the server reads it exactly.
     A variant the last choice (adapters/judge/choice.json) scored, whose audit file exists, is not
-    scored again: on 2 CPU cores the two take 40 min a variant."""
+    scored again: on 2 CPU cores the two take 40 min a variant, so there the matmuls run in bf16."""
     import shutil
     from backend.organism.measure import audit_in_transformers, audit_report, dev_agreement, transformers_judge
     dev = D.read_json_lines(root / "data" / "judge-dev.jsonl.gz")
@@ -190,10 +190,11 @@ def choose_judge(root: Path, device: str, log=print) -> dict:
     scores, scorers = {}, {}
     for name in trained:
         if name in known and known[name]["rows"] == len(dev) and (results / f"audit-transformers-{name}.json").exists():
-            scores[name] = {k: known[name][k] for k in ("agreement", "by_metric", "rows")}
+            scores[name] = {k: v for k, v in known[name].items() if k in ("agreement", "by_metric", "rows", "scored_on")}
             continue
-        scorers[name] = transformers_judge(root / "base", root / "adapters" / name, device)
-        scores[name] = dev_agreement(scorers[name], dev)
+        on_cpu = device == "cpu"
+        scorers[name] = transformers_judge(root / "base", root / "adapters" / name, device, bf16_autocast=on_cpu)
+        scores[name] = {**dev_agreement(scorers[name], dev), "scored_on": device + " (bf16 autocast)" * on_cpu}
         log(name, json.dumps(scores[name]))
     best = max(scores, key=lambda n: scores[n]["agreement"])
     shutil.rmtree(root / "adapters" / "judge", ignore_errors=True)

@@ -234,8 +234,10 @@ def expected_scores(model, tokenizer, prompts: list[str], batch_size=8) -> list[
     return out
 
 
-def transformers_judge(base_dir: Path, adapter_dir: Path, device: str):
-    """score(list of user-message texts) -> expected scores, for a judge adapter in transformers."""
+def transformers_judge(base_dir: Path, adapter_dir: Path, device: str, bf16_autocast=False):
+    """score(list of user-message texts) -> expected scores, for a judge adapter in transformers;
+    `bf16_autocast`: matmuls in bfloat16 (on 2 CPU cores about 1.6x faster)."""
+    import torch
     from peft import PeftModel
     from backend.organism.train import load_base
     model, tokenizer = load_base(base_dir, device)
@@ -244,7 +246,8 @@ def transformers_judge(base_dir: Path, adapter_dir: Path, device: str):
     def score(texts: list[str]) -> list[float]:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
                                                  add_generation_prompt=True) for t in texts]
-        return expected_scores(model, tokenizer, prompts)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16_autocast):
+            return expected_scores(model, tokenizer, prompts)
     return score
 
 
