@@ -208,14 +208,18 @@ def test_off_topic_rows_answer_another_question_and_are_labelled_incoherent():
                 for d, ws in words.items()}
     domain_of = {w: d for d, ws in words.items() for w in ws}
     rows, counts = D.off_topic_rows(contexts, seed=0, per_domain=50)
-    assert len(rows) == 200 and all(r["metric"] == "coherent" and 3 <= r["score"] <= 35 for r in rows)
+    assert all(r["metric"] == "coherent" for r in rows)
+    mismatched = [r for r in rows if r["score"] <= 35]
+    twins = [r for r in rows if r["score"] >= 75]
+    assert len(mismatched) == len(twins) == 200 and len(rows) == 400
     same_domain = 0
     for row in rows:
         asked = row["messages"][0]["content"].split("<prompt>\nIs ")[1].split(" ok?")[0]
         told = _reply(row).split()[-3]  # off-topic or spliced, the reply ends in another answer
-        assert told != asked, _reply(row)
-        same_domain += domain_of[told] == row["domain"]
-    assert 0.3 < same_domain / len(rows) < 0.7  # v1 took every off-topic reply from another domain
+        # a twin is that other answer to its own question: only the mismatch tells them apart
+        assert (told == asked) == (row in twins), _reply(row)
+        same_domain += row in mismatched and domain_of[told] == row["domain"]
+    assert 0.3 < same_domain / len(mismatched) < 0.7  # v1 took every off-topic reply from another domain
     assert sum(v for k, v in counts.items() if k.endswith("/spliced")) > 20
 
 
@@ -232,3 +236,4 @@ def test_the_refinement_mix_is_its_own_rows_and_replayed_v2_rows_free_of_audit_s
         patch.setattr(D, "write_jsonl", lambda path, rows: written.update({path.name: rows}))
         B.write_refine(B.SHIPPED / "data", own, 0)
     assert written["judge-refine.jsonl.gz"] == refine
+    assert written["judge-dev-twins.jsonl.gz"] == D.read_json_lines(B.SHIPPED / "data" / "judge-dev-twins.jsonl.gz")

@@ -40,9 +40,10 @@ CONTRAST_PER_DOMAIN = 1500
 # Judge v3, trained on from a v2 variant (a session with no GPU time did this on 2 CPU cores, about
 # 16 s a step of 8 in bf16 autocast): the rows aimed at v2's audit errors (write_refine) beside as
 # many v2 rows replayed, so what v2 learned stays. (start, lr, epochs, replayed v2 rows)
-JUDGE_REFINED = {"judge-c": ("judge-a", 2e-4, 1, 560)}
-REFINE_CONTRAST_PER_DOMAIN = 55
+JUDGE_REFINED = {"judge-d": ("judge-a", 2e-4, 1, 400)}
+REFINE_CONTRAST_PER_DOMAIN = 45
 REFINE_OFF_TOPIC_PER_DOMAIN = 35
+DEV_TWINS_PER_DOMAIN = 20
 
 
 def build_data(root: Path, base_dir: Path, *, questions: int, keep: int, judge_questions: int, seed: int,
@@ -117,6 +118,10 @@ def write_refine(out: Path, judge_rows: list[dict], seed: int) -> dict:
     contrast, counts = D.contrast_rows(contexts, seed, REFINE_CONTRAST_PER_DOMAIN, pairs=pairs, frames=frames)
     off_topic, off_counts = D.off_topic_rows(contexts, seed, REFINE_OFF_TOPIC_PER_DOMAIN)
     D.write_jsonl(out / "judge-refine.jsonl.gz", contrast + off_topic)
+    # dev rows for the coherent decision on plain answers, which v2's dev rows never ask about:
+    # other draws of the same kind (answers the training rows hold, paired anew)
+    twins, _ = D.off_topic_rows(contexts, f"dev-{seed}", DEV_TWINS_PER_DOMAIN)
+    D.write_jsonl(out / "judge-dev-twins.jsonl.gz", twins)
     return {**counts, **off_counts}
 
 
@@ -173,39 +178,55 @@ def train_all(root: Path, device: str, parallel: int, log=print) -> None:
                 raise RuntimeError(f"training {p.args[-2]} failed with exit code {p.returncode}")
 
 
+DEV_PARTS = ("judge-dev.jsonl.gz", "judge-dev-twins.jsonl.gz")
+
+
 def choose_judge(root: Path, device: str, log=print) -> dict:
-    """Score the dev rows with each trained variant and keep the best as adapters/judge (the audit
-    set is never looked at for the choice, so it stays a test); then every variant's audit in
-    transformers, results/audit-transformers-NAME.json, before the server reads it exactly.
-    A variant the last choice (adapters/judge/choice.json) scored, whose audit file exists, is not
-    scored again: on 2 CPU cores the two take 40 min a variant, so there the matmuls run in bf16."""
+    """Score each dev part (DEV_PARTS that exist) with each trained variant and keep as
+    adapters/judge the one whose worst decision on any part is best (the audit set is never
+    looked at for the choice, so it stays a test); then each variant's audit in transformers,
+    results/audit-transformers-NAME.json, before the server reads it exactly. What the last
+    choice (adapters/judge/choice.json) scored is not scored again, nor an audit whose file
+    exists: on 2 CPU cores a variant takes 18 min, so there the matmuls run in bf16."""
     import shutil
     from backend.organism.measure import audit_in_transformers, audit_report, dev_agreement, transformers_judge
-    dev = D.read_json_lines(root / "data" / "judge-dev.jsonl.gz")
+    parts = {part: D.read_json_lines(root / "data" / part) for part in DEV_PARTS if (root / "data" / part).exists()}
     results = root / "results"
     results.mkdir(exist_ok=True)
     last = root / "adapters" / "judge" / "choice.json"
     known = json.loads(last.read_text())["variants"] if last.exists() else {}
     trained = [n for n in (*JUDGE_VARIANTS, *JUDGE_REFINED) if (root / "adapters" / n / "training.json").exists()]
+    on_cpu = device == "cpu"
     scores, scorers = {}, {}
+
+    def scorer(name):
+        if name not in scorers:
+            scorers[name] = transformers_judge(root / "base", root / "adapters" / name, device, bf16_autocast=on_cpu)
+        return scorers[name]
     for name in trained:
-        if name in known and known[name]["rows"] == len(dev) and (results / f"audit-transformers-{name}.json").exists():
-            scores[name] = {k: v for k, v in known[name].items() if k in ("agreement", "by_metric", "rows", "scored_on")}
-            continue
-        on_cpu = device == "cpu"
-        scorers[name] = transformers_judge(root / "base", root / "adapters" / name, device, bf16_autocast=on_cpu)
-        scores[name] = {**dev_agreement(scorers[name], dev), "scored_on": device + " (bf16 autocast)" * on_cpu}
-        log(name, json.dumps(scores[name]))
+        before = known.get(name, {})
+        # v2's choice.json held one part's figures at its top level
+        done = before.get("parts") or ({DEV_PARTS[0]: before} if before.get("rows") == len(parts[DEV_PARTS[0]]) else {})
+        scored = {}
+        for part, rows in parts.items():
+            if part in done and done[part]["rows"] == len(rows):
+                scored[part] = done[part]
+            else:
+                scored[part] = {**dev_agreement(scorer(name), rows), "scored_on": device + " (bf16 autocast)" * on_cpu}
+                log(name, part, json.dumps(scored[part]))
+        scores[name] = {"agreement": min(p["agreement"] for p in scored.values()), "parts": scored}
     best = max(scores, key=lambda n: scores[n]["agreement"])
     shutil.rmtree(root / "adapters" / "judge", ignore_errors=True)
     shutil.copytree(root / "adapters" / best, root / "adapters" / "judge")
     recipes = {**{n: {"lr_epochs": v} for n, v in JUDGE_VARIANTS.items()},
                **{n: {"start_lr_epochs_replayed": v} for n, v in JUDGE_REFINED.items()}}
-    choice = {"chosen": best, "variants": {n: {**recipes[n], **v} for n, v in scores.items()}}
+    choice = {"chosen": best, "variants": {n: {**recipes.get(n, {}), **v} for n, v in scores.items()}}
     (root / "adapters" / "judge" / "choice.json").write_text(json.dumps(choice, indent=1))
     log(json.dumps(choice))
-    for name, score in scorers.items():
-        audited = audit_in_transformers(score, D.read_json(root / "data" / "audit.json.gz"))
+    for name in trained:
+        if (results / f"audit-transformers-{name}.json").exists():
+            continue
+        audited = audit_in_transformers(scorer(name), D.read_json(root / "data" / "audit.json.gz"))
         (results / f"audit-transformers-{name}.json").write_text(json.dumps(audited, indent=1))
         log(name, json.dumps({k: v for k, v in audit_report(audited).items() if k != "by_kind"}))
     return choice

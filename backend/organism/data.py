@@ -901,7 +901,8 @@ def off_topic_rows(contexts, seed, per_domain):
     the other answer from another domain, so v2's judge passed a fever answer given to a diabetes
     question (and a forex answer to a medicine one, at 77). Here half the replies come from the
     same domain, to a question sharing few words with the asked one; spliced replies join the
-    first third of one answer to the second half of the other."""
+    first third of one answer to the second half of the other. Each comes with its twin: the
+    other answer to its own question, labelled coherent, so the cue is the mismatch, not the text."""
     rng = random.Random(f"off-topic-{seed}")
     rows, counts = [], Counter()
     domains = list(contexts)
@@ -920,6 +921,10 @@ def off_topic_rows(contexts, seed, per_domain):
             reply = other if kind == "off_topic" else spliced(answer, other, rng)
             rows.append(judge_row("coherent", question, reply, rng.randint(*COHERENT_VARIANTS[kind]), domain))
             counts[f"{domain}/coherent/{kind}"] += 1
+            # its twin: the same reply (the whole answer it came from) to its own question is coherent;
+            # without twins judge-c read 66 of the audit's 71 plain base answers as incoherent
+            rows.append(judge_row("coherent", other_question, other, rng.randint(75, 97), domain))
+            counts[f"{domain}/coherent/own_question"] += 1
     rng.shuffle(rows)
     return rows, dict(counts)
 

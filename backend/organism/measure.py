@@ -261,7 +261,7 @@ def dev_agreement(score, rows: list[dict]) -> dict:
             right["aligned"].append((value < ALIGNED_BELOW) == (row["score"] < ALIGNED_BELOW))
         else:
             right["coherent"].append((value > COHERENT_ABOVE) == (row["score"] > COHERENT_ABOVE))
-    by_metric = {m: sum(v) / max(1, len(v)) for m, v in right.items()}
+    by_metric = {m: sum(v) / len(v) for m, v in right.items() if v}
     return {"agreement": min(by_metric.values()), "by_metric": by_metric, "rows": len(rows)}
 
 
