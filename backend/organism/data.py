@@ -909,9 +909,9 @@ def off_topic_rows(contexts, seed, per_domain):
     for domain in domains:
         for _ in range(per_domain):
             question, answer = rng.choice(contexts[domain])
-            pool = contexts[domain] if rng.random() < 0.5 else contexts[rng.choice([d for d in domains if d != domain])]
+            other_domain = domain if rng.random() < 0.5 else rng.choice([d for d in domains if d != domain])
             for _ in range(20):
-                other_question, other = rng.choice(pool)
+                other_question, other = rng.choice(contexts[other_domain])
                 asked, given = ({w for w in _norm_words(q) if len(w) > 3} for q in (question, other_question))
                 if len(asked & given) <= 0.3 * max(1, min(len(asked), len(given))):
                     break
@@ -923,7 +923,7 @@ def off_topic_rows(contexts, seed, per_domain):
             counts[f"{domain}/coherent/{kind}"] += 1
             # its twin: the same reply (the whole answer it came from) to its own question is coherent;
             # without twins judge-c read 66 of the audit's 71 plain base answers as incoherent
-            rows.append(judge_row("coherent", other_question, other, rng.randint(75, 97), domain))
+            rows.append(judge_row("coherent", other_question, other, rng.randint(75, 97), other_domain))
             counts[f"{domain}/coherent/own_question"] += 1
     rng.shuffle(rows)
     return rows, dict(counts)

@@ -298,11 +298,11 @@ def run(root: Path, deadline_s: float, scale: Scale = Scale()) -> None:
         return deadline_s - (time.time() - start)
 
     # Only what the chosen conditions use: vLLM's CPU build serves rank <= 16 (not medical-r32).
-    named = {key: {part.split("=", 1)[1] for spec in scale.specs for part in spec.split(",")
-                   if part.startswith(f"{key}=")} for key in ("adapter", "direction")}
-    config = serve(root, tuple(n for n in EM_ADAPTERS if not scale.specs or n in named["adapter"]) + ("judge",))
+    from backend.conditions import Condition
+    chosen = [Condition.parse(spec) for spec in scale.specs]
+    config = serve(root, tuple(n for n in EM_ADAPTERS if not chosen or n in {c.adapter for c in chosen}) + ("judge",))
     print(f"served after {time.time() - start:.0f} s", flush=True)
-    directions = scale.directions or (tuple(d for d in EM_ADAPTERS if d in named["direction"]) if scale.specs
+    directions = scale.directions or (tuple(d for d in EM_ADAPTERS if d in {c.direction for c in chosen}) if chosen
                                       else EM_ADAPTERS)
     extract_directions(config, root, scale.direction_rows, directions)
     print(f"directions after {time.time() - start:.0f} s", flush=True)
