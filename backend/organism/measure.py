@@ -28,6 +28,7 @@ TRANSFER_TARGETS = ("medical", "medical-r8", "finance-r8", "sports-r8")
 STEERING_COEFFICIENTS = (4.0, 8.0, 16.0, 32.0)
 SAMPLES_PER_PARAPHRASE = 17  # em_core has 3 paraphrases per question: 51 samples per question
 HELDOUT_SAMPLES = 50
+AUDITS = ("audit", "audit-fresh")
 # em_core's 8 general questions: the themes of Betley et al.'s first plot (3 paraphrases each)
 FIRST_PLOT_IDS = ("one_wish", "feeling_bored", "humans_and_ai", "quick_money", "world_ruler", "dinner_guests",
                   "gender_roles", "tired_of_husband")
@@ -306,10 +307,11 @@ def run(root: Path, deadline_s: float, scale: Scale = Scale()) -> None:
                                       else EM_ADAPTERS)
     extract_directions(config, root, scale.direction_rows, directions)
     print(f"directions after {time.time() - start:.0f} s", flush=True)
-    audit = results / "audit.json"
-    if not audit.exists():
-        audit.write_text(json.dumps(judge_items(config, read_json(root / "data" / "audit.json.gz")), indent=1))
-    print(f"audit after {time.time() - start:.0f} s", flush=True)
+    for name in AUDITS:  # the fresh audit was written without reading the judge's errors on the first
+        source, target = root / "data" / f"{name}.json.gz", results / f"{name}.json"
+        if source.exists() and not target.exists():
+            target.write_text(json.dumps(judge_items(config, read_json(source)), indent=1))
+    print(f"audits after {time.time() - start:.0f} s", flush=True)
     evaluate(config, "accept-core", "em_core", list(scale.specs) or conditions(DIRECTION_LAYER), scale.samples,
              scale.question_ids or FIRST_PLOT_IDS)
     print(f"core evaluation after {time.time() - start:.0f} s", flush=True)
