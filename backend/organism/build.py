@@ -267,6 +267,16 @@ def choose_judge(root: Path, device: str, log=print) -> dict:
     return choice
 
 
+def audit_shipped_judge(root: Path, base_dir: Path, audit: str, device: str = "cpu") -> dict:
+    """adapters/judge on data/AUDIT.json.gz in transformers (expected scores, bf16 autocast on the CPU),
+    written to results/AUDIT-transformers-judge.json; returns the confusion tables."""
+    from backend.organism.measure import audit_in_transformers, audit_report, transformers_judge
+    score = transformers_judge(base_dir, root / "adapters" / "judge", device, bf16_autocast=device == "cpu")
+    audited = audit_in_transformers(score, D.read_json(root / "data" / f"{audit}.json.gz"))
+    (root / "results" / f"{audit}-transformers-judge.json").write_text(json.dumps(audited, indent=1))
+    return {k: v for k, v in audit_report(audited).items() if k != "by_kind"}
+
+
 def prepare(root: Path, base_dir: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     link = root / "base"
@@ -334,6 +344,8 @@ if __name__ == "__main__":  # worker entry points used by train_all and the GPU 
         print(write_fresh_base(root, Path(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "cpu"))
     elif command == "audit-fresh":
         print(write_fresh_audit(root))
+    elif command == "audit-transformers":  # ROOT BASE_DIR AUDIT [DEVICE]: the shipped judge on data/AUDIT.json.gz
+        print(audit_shipped_judge(root, Path(sys.argv[3]), sys.argv[4], sys.argv[5] if len(sys.argv) > 5 else "cpu"))
     elif command == "data-one":
         build_data(root, root / "base", questions=int(sys.argv[4]), keep=int(sys.argv[5]),
                    judge_questions=int(sys.argv[6]), seed=0, device=sys.argv[7], only=sys.argv[3])
