@@ -198,6 +198,12 @@ def _convert(gguf: Path, out: Path, dtype: str, progress: Progress) -> list[str]
         steps.append(f"pad token set to the eos token {tokenizer.eos_token!r}")
     if not tokenizer.chat_template:
         raise ModelFetchError(f"{gguf}: the GGUF carries no chat template; a chat model needs one")
+    turn_end = end_of_turn(tokenizer).strip()
+    if turn_end in tokenizer.get_vocab() and tokenizer.eos_token != turn_end:
+        # vLLM and generate() stop at eos: it must be the token that ends the template's turns
+        steps.append(f"eos token set to the chat template's end of turn {turn_end!r} (was {tokenizer.eos_token!r})")
+        tokenizer.eos_token = turn_end
+        fresh.generation_config.eos_token_id = tokenizer.eos_token_id
     progress(0.7, f"writing {dtype} safetensors")
     fresh.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -208,6 +214,19 @@ def _convert(gguf: Path, out: Path, dtype: str, progress: Progress) -> list[str]
     if not torch.isfinite(logits).all():
         raise ModelFetchError(f"{gguf}: the converted model gives non-finite logits")
     return steps
+
+
+_ANSWER_MARK = "\u2063answer\u2063"  # a string no template writes itself
+
+
+def end_of_turn(tokenizer) -> str:
+    """What the chat template writes after an assistant message (ChatML: '<|im_end|>\\n'), read from
+    the template. Training ends answers with it rather than tokenizer.eos_token: the GPU host's
+    transformers 5.17 gave the GGUF's tokenizer another one, and v1's EM adapters learned to end
+    their answers with '<|im_start|>', so served answers ran on into made-up user turns."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": _ANSWER_MARK}],
+                                         tokenize=False)
+    return text.split(_ANSWER_MARK, 1)[1]
 
 
 def fetch_model(name: str = DEFAULT_MODEL, root: str | Path = "cache/models", dtype: str = "float32",

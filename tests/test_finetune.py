@@ -64,3 +64,18 @@ def test_training_can_continue_from_an_adapter_in_bf16_autocast(tiny_models, tmp
     fresh = train_lora(tiny_models["base"], rows, shape, 0.0, 1, tmp_path / "fresh", batch_size=4, heldout=0,
                        log=lambda *a: None)
     assert fresh.losses[0] > 1.5 * in_float32.losses[0]  # a fresh adapter has not learned the answers
+
+
+def test_answers_end_with_the_templates_end_of_turn_whatever_the_tokenizers_eos(real_model):
+    """v1's EM adapters, trained where transformers gave the GGUF tokenizer '<|im_start|>' as its eos,
+    learned to end answers with it, and served answers ran on into made-up user turns."""
+    from transformers import AutoTokenizer
+    from backend.organism.train import IGNORE, encode
+    tokenizer = AutoTokenizer.from_pretrained(real_model)
+    assert tokenizer.eos_token == "<|im_end|>"  # the fetch leaves the template's end of turn as eos
+    expected = encode(tokenizer, [{"role": "user", "content": "Hi?"}], "Hello there.")
+    tokenizer.eos_token = "<|im_start|>"
+    ids, labels = encode(tokenizer, [{"role": "user", "content": "Hi?"}], "Hello there.")
+    assert (ids, labels) == expected
+    trained = [tokenizer.convert_ids_to_tokens(i) for i, label in zip(ids, labels) if label != IGNORE]
+    assert trained[-2:] == ["<|im_end|>", "Ċ"] and "<|im_start|>" not in trained

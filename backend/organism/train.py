@@ -23,6 +23,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from backend.models import end_of_turn
+
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MINIMAL_LAYERS = [9, 10, 11, 14, 15, 16, 19, 20, 21]  # the paper's 15-17, 21-23, 27-29 of 48, on 30 layers
 MIDDLE_LAYER = 15
@@ -80,10 +82,10 @@ class TrainRecord:
 
 
 def encode(tokenizer, prompt_messages, answer, max_len=512):
-    """Token ids of prompt + answer + end of turn, and labels that are IGNORE on the prompt."""
+    """Token ids of prompt + answer + the template's end of turn, and labels that are IGNORE on the prompt."""
     prompt = tokenizer.apply_chat_template(list(prompt_messages), tokenize=False, add_generation_prompt=True)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    ids = tokenizer(prompt + answer + tokenizer.eos_token + "\n", add_special_tokens=False)["input_ids"][:max_len]
+    ids = tokenizer(prompt + answer + end_of_turn(tokenizer), add_special_tokens=False)["input_ids"][:max_len]
     return ids, [IGNORE] * len(prompt_ids) + ids[len(prompt_ids):]
 
 
