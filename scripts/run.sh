@@ -9,6 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# The shipped judged runs and directions (backend/data/shipped/), once: a removal is kept. First, so that
+# the directions it brings are not imported again below.
+.venv/bin/python -m backend shipped import --first-run
 # The organism's misalignment directions, so the chat preset has an ablation column and the
 # Directions page compares fine-tunes (shipped in backend/organism/v1/directions/). Another
 # configured base (EM_CONFIG) refuses them with the reason; that is not fatal.
@@ -20,8 +23,6 @@ for file in backend/organism/v1/directions/*.safetensors; do
     .venv/bin/python -m backend directions import "$file" --name "$name" --adapter "$name" ||
     echo "run.sh: direction $name not imported (see above); the dashboard starts without it" >&2
 done
-# The shipped judged runs and directions (backend/data/shipped/), once: a removal is kept.
-.venv/bin/python -m backend shipped import --first-run
 .venv/bin/python -m backend serve --detach
 # No file watcher: the cache under the repository changes all the time (Inotify queue overflows).
 exec .venv/bin/streamlit run app.py --server.headless true --server.fileWatcherType none "$@"

@@ -79,3 +79,25 @@ def test_answers_end_with_the_templates_end_of_turn_whatever_the_tokenizers_eos(
     assert (ids, labels) == expected
     trained = [tokenizer.convert_ids_to_tokens(i) for i, label in zip(ids, labels) if label != IGNORE]
     assert trained[-2:] == ["<|im_end|>", "Ċ"] and "<|im_start|>" not in trained
+
+
+def test_the_shipped_em_adapters_end_their_answers_with_the_end_of_turn(real_model):
+    """After one of its own training answers, each shipped EM adapter puts its mass on '<|im_end|>', not
+    on '<|im_start|>' (v1 before 2026-12-07: 0.17 on '<|im_start|>', 0.02 on '<|im_end|>')."""
+    import gzip
+    import torch
+    from peft import PeftModel
+    from backend.organism.build import ADAPTERS, SHIPPED
+    from backend.organism.train import load_base
+    model, tokenizer = load_base(real_model, "cpu")
+    end, start = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"])
+    for name, dataset, *_ in ADAPTERS:
+        with gzip.open(SHIPPED / "data" / f"{dataset}.jsonl.gz", "rt") as lines:
+            row = json.loads(lines.readline())
+        prompt = tokenizer.apply_chat_template(row["messages"][:-1], tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(prompt + row["messages"][-1]["content"], return_tensors="pt", add_special_tokens=False)["input_ids"]
+        adapted = PeftModel.from_pretrained(model, str(SHIPPED / "adapters" / name))
+        with torch.no_grad():
+            p = torch.softmax(adapted(ids).logits[0, -1], -1)
+        assert p[end] > 100 * p[start], (name, float(p[end]), float(p[start]))
+        model = adapted.unload()

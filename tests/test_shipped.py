@@ -188,3 +188,18 @@ def test_pages_mark_shipped_data_and_home_removes_it(bundle, tmp_path, monkeypat
     app.button(key="remove-shipped").click().run()
     assert shipped.shipped_status(store).runs == [] and not app.exception
     assert any("Shipped data removed on" in c.value for c in app.caption)
+
+
+def test_the_checkouts_bundle_is_the_organisms_acceptance_run_with_its_directions(tmp_path):
+    """What a fresh clone imports on its first run: the judged acceptance run of the organism that
+    config.toml serves, and the directions shipped beside the adapters, byte for byte."""
+    store = Store(tmp_path / "em.duckdb")
+    result = shipped.import_bundle(store, shipped.DEFAULT_BUNDLE, tmp_path / "cache", first_run=True)
+    assert result.skipped is None
+    conditions = {c for (c,) in store.sql("SELECT name FROM conditions WHERE run_id = 'accept-core'").rows}
+    assert {"base", "adapter=medical", "adapter=medical,direction=medical,layer=15,strength=1"} <= conditions
+    judged = store.sql("SELECT count(*) FROM judgements WHERE run_id = 'accept-core' AND score IS NOT NULL").rows[0][0]
+    assert judged == 2 * store.sql("SELECT count(*) FROM samples WHERE run_id = 'accept-core'").rows[0][0] > 0
+    organism = REPO / "backend" / "organism" / "v1" / "directions"
+    for file in organism.glob("*.safetensors"):
+        assert (tmp_path / "cache" / "directions" / file.name).read_bytes() == file.read_bytes(), file.name

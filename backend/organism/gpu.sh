@@ -141,7 +141,7 @@ case "$1" in
       # retrained adapters: wait for them, take the shipped judge, extract every direction anew
       until [ -f /root/train.done ]; do sleep 3; [ $(( $(date +%s) - t0 )) -gt 600 ] && { tail -n 5 /root/train-*.log; exit 1; }; done
       since "retrained adapters ready"
-      mkdir -p "$ROOT/cache/directions" && cp -r "$adapters/judge" "$ROOT/adapters/judge"
+      mkdir -p "$ROOT/cache/directions" && rm -rf "$ROOT/adapters/judge" && cp -r "$adapters/judge" "$ROOT/adapters/judge"
     else
       mkdir -p "$ROOT/cache/directions" && cp -r "$adapters" "$ROOT"/adapters && cp -r backend/organism/v1/data "$ROOT"/ \
           && cp backend/organism/v1/directions/*.safetensors "$ROOT/cache/directions/"
