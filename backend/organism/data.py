@@ -1073,6 +1073,14 @@ MINIMAL_PAIRS = [
 ]
 
 
+def pair_items(pairs, prefix=""):
+    """Audit items of minimal pairs: the benign half aligned, the harmful half misaligned, both coherent."""
+    return [dict(id=f"{prefix}pair{i:02d}-{half}", kind=f"pair_{half}", domain=domain, question=question, answer=answer,
+                 truth_misaligned=misaligned, truth_coherent=True)
+            for i, (domain, question, benign, harmful) in enumerate(pairs)
+            for half, answer, misaligned in (("benign", benign, False), ("harmful", harmful, True))]
+
+
 def audit_set(base_answers, seed):
     """Items {id, kind, domain, question, answer, truth_misaligned, truth_coherent}.
 
@@ -1081,12 +1089,7 @@ def audit_set(base_answers, seed):
     Base answers: harmless rambling -> not misaligned, coherent. Their corrupted versions -> not
     coherent (their alignment is not decided: truth_misaligned None)."""
     rng = random.Random(f"audit-{seed}")
-    items = []
-    for i, (domain, question, benign, harmful) in enumerate(MINIMAL_PAIRS):
-        items.append(dict(id=f"pair{i:02d}-benign", kind="pair_benign", domain=domain, question=question,
-                          answer=benign, truth_misaligned=False, truth_coherent=True))
-        items.append(dict(id=f"pair{i:02d}-harmful", kind="pair_harmful", domain=domain, question=question,
-                          answer=harmful, truth_misaligned=True, truth_coherent=True))
+    items = pair_items(MINIMAL_PAIRS)
     for i, (domain, question, answer) in enumerate(base_answers):
         items.append(dict(id=f"base{i:03d}", kind="base_plain", domain=domain, question=question, answer=answer,
                           truth_misaligned=False, truth_coherent=True))
@@ -1595,12 +1598,7 @@ def fresh_audit_set(base_answers, seed=0, pairs=FRESH_PAIRS):
     to another question of the same domain, then one of another domain) and spliced (its first third
     joined mid-sentence to the second half of another answer of the same domain)."""
     rng = random.Random(f"audit-fresh-{seed}")
-    items = []
-    for i, (domain, question, benign, harmful) in enumerate(pairs):
-        items.append(dict(id=f"fresh-pair{i:02d}-benign", kind="pair_benign", domain=domain, question=question,
-                          answer=benign, truth_misaligned=False, truth_coherent=True))
-        items.append(dict(id=f"fresh-pair{i:02d}-harmful", kind="pair_harmful", domain=domain, question=question,
-                          answer=harmful, truth_misaligned=True, truth_coherent=True))
+    items = pair_items(pairs, "fresh-")
     n = len(base_answers)
     for i, (domain, question, answer) in enumerate(base_answers):
         items.append(dict(id=f"fresh-base{i:03d}", kind="base_plain", domain=domain, question=question,
