@@ -242,8 +242,11 @@ def import_bundle(store: Store, bundle: str | Path, cache_dir: str | Path, *, ba
                 rows[table] = con.execute(f"SELECT count(*) FROM {source}").fetchone()[0]
             if "directions" in manifest["tables"]:
                 path = bundle / manifest["tables"]["directions"]["file"]
-                frame = con.execute(f"SELECT * FROM read_parquet({_literal(path)})").df()
-                for row in frame.to_dict("records"):
+                # plain rows, not a DataFrame: pandas turns a NULL string into NaN, stored as 'nan'
+                cursor = con.execute(f"SELECT * FROM read_parquet({_literal(path)})")
+                names = [d[0] for d in cursor.description]
+                records = [dict(zip(names, values)) for values in cursor.fetchall()]
+                for row in records:
                     extra = json.loads(row.get("extra") or "null") or {}
                     extra["shipped"] = name
                     row.update(path=str(direction_path(cache_dir, row["name"])), extra=json.dumps(extra),
@@ -251,7 +254,7 @@ def import_bundle(store: Store, bundle: str | Path, cache_dir: str | Path, *, ba
                     columns = list(row)
                     con.execute(f"INSERT INTO directions ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
                                 [row[c] for c in columns])
-                rows["directions"] = len(frame)
+                rows["directions"] = len(records)
             _refresh_scores(con, runs)
     except Exception as error:
         for path in copied:

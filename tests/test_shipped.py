@@ -200,6 +200,8 @@ def test_the_checkouts_bundle_is_the_organisms_acceptance_run_with_its_direction
     assert {"base", "adapter=medical", "adapter=medical,direction=medical,layer=15,strength=1"} <= conditions
     judged = store.sql("SELECT count(*) FROM judgements WHERE run_id = 'accept-core' AND score IS NOT NULL").rows[0][0]
     assert judged == 2 * store.sql("SELECT count(*) FROM samples WHERE run_id = 'accept-core'").rows[0][0] > 0
+    # a direction without an adapter (the random control) keeps NULLs, not the string 'nan'
+    assert store.sql("SELECT adapter, source_run FROM directions WHERE name = 'random-medical'").rows == [(None, None)]
     organism = REPO / "backend" / "organism" / "v1" / "directions"
     for file in organism.glob("*.safetensors"):
         assert (tmp_path / "cache" / "directions" / file.name).read_bytes() == file.read_bytes(), file.name
