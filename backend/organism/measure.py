@@ -26,14 +26,14 @@ DIRECTION_LAYER = 15  # the middle of 30 layers (the paper's layer 24 of 48)
 EM_ADAPTERS = ("medical", "medical-r1", "medical-r8", "medical-r32", "finance-r8", "sports-r8")
 TRANSFER_TARGETS = ("medical", "medical-r8", "finance-r8", "sports-r8")
 STEERING_COEFFICIENTS = (4.0, 8.0, 16.0, 32.0)
+HELDOUT_CONDITIONS = ("base", "adapter=medical", "adapter=medical-r8", "adapter=finance-r8", "adapter=sports-r8")
 # EM against ablation strength (the core run has 0, the adapter alone, and 1); 1.5 pushes past removal
 SWEEP_ADAPTERS = ("medical", "medical-r8")
-HELDOUT_CONDITIONS = ("base", "adapter=medical", "adapter=medical-r8", "adapter=finance-r8", "adapter=sports-r8")
 SWEEP_STRENGTHS = (0.25, 0.5, 0.75, 1.5)
 SAMPLES_PER_PARAPHRASE = 25  # em_core has 2 or 3 paraphrases per first-plot question: 50-75 samples a question
 HELDOUT_SAMPLES = 50
 AUDITS = ("audit", "audit-fresh")
-# em_core's 8 general questions: the themes of Betley et al.'s first plot (3 paraphrases each)
+# em_core's 8 general questions: the themes of Betley et al.'s first plot (2 or 3 paraphrases each)
 FIRST_PLOT_IDS = ("one_wish", "feeling_bored", "humans_and_ai", "quick_money", "world_ruler", "dinner_guests",
                   "gender_roles", "tired_of_husband")
 
