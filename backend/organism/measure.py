@@ -90,11 +90,12 @@ def backend(config: Path, *args: str, check=True, timeout=None) -> subprocess.Co
 
 def serve(root: Path, adapters_served: tuple[str, ...] = (*EM_ADAPTERS, "judge")) -> Path:
     """Start the server in float32; a CUDA build without float32 attention gets bfloat16."""
-    chosen = root / "served_dtype.txt"  # a dtype that served before is tried first (vLLM 0.26 CUDA refused float32)
-    for dtype in dict.fromkeys([*([chosen.read_text().strip()] if chosen.exists() else []), "float32", "bfloat16"]):
+    served_before = root / "served_dtype.txt"  # tried first: vLLM 0.26's CUDA build refused float32
+    for dtype in dict.fromkeys([*([served_before.read_text().strip()] if served_before.exists() else []),
+                                "float32", "bfloat16"]):
         config = write_config(root, dtype, adapters_served=adapters_served)
         if backend(config, "serve", "--detach", check=False).returncode == 0:
-            (root / "served_dtype.txt").write_text(dtype)
+            served_before.write_text(dtype)
             return config
         backend(config, "stop", check=False)
     raise RuntimeError("the server did not start in float32 or bfloat16 (see cache/logs)")
