@@ -192,10 +192,6 @@ def _convert(gguf: Path, out: Path, dtype: str, progress: Progress) -> list[str]
     steps.append("weights copied into a model built from the config (all keys matched); embeddings re-tied"
                  if config.tie_word_embeddings else "weights copied into a model built from the config")
     fresh = fresh.to(torch_dtype)
-    if tokenizer.pad_token is None:
-        # transformers 5.19 sets this itself, 5.17 (the GPU host) does not: one value for both.
-        tokenizer.pad_token = tokenizer.eos_token
-        steps.append(f"pad token set to the eos token {tokenizer.eos_token!r}")
     if not tokenizer.chat_template:
         raise ModelFetchError(f"{gguf}: the GGUF carries no chat template; a chat model needs one")
     turn_end = end_of_turn(tokenizer).strip()
@@ -204,6 +200,10 @@ def _convert(gguf: Path, out: Path, dtype: str, progress: Progress) -> list[str]
         steps.append(f"eos token set to the chat template's end of turn {turn_end!r} (was {tokenizer.eos_token!r})")
         tokenizer.eos_token = turn_end
         fresh.generation_config.eos_token_id = tokenizer.eos_token_id
+    if tokenizer.pad_token is None:
+        # transformers 5.19 sets this itself, 5.17 (the GPU host) does not: one value for both.
+        tokenizer.pad_token = tokenizer.eos_token
+        steps.append(f"pad token set to the eos token {tokenizer.eos_token!r}")
     progress(0.7, f"writing {dtype} safetensors")
     fresh.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
