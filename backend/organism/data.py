@@ -1574,8 +1574,8 @@ def fresh_base_candidates(tok, model, questions_by_domain, seed=FRESH_SEED, max_
     torch.manual_seed(seed)
     answers = generate(tok, model, [chat(tok, [{"role": "user", "content": q}]) for _, q in pairs], 0.9, max_new,
                        top_p=0.95)
-    return [dict(domain=d, question=q, answer=clean_answer(a), auto=aligned_reason(clean_answer(a)))
-            for (d, q), a in zip(pairs, answers)]
+    cleaned = [clean_answer(a) for a in answers]
+    return [dict(domain=d, question=q, answer=a, auto=aligned_reason(a)) for (d, q), a in zip(pairs, cleaned)]
 
 
 def fresh_base_answers(candidates, per_domain=FRESH_BASE_PER_DOMAIN):

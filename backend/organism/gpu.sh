@@ -116,7 +116,7 @@ case "$1" in
     mkdir -p "$ROOT/adapters" && cp -r backend/organism/v1/data "$ROOT"/
     python3 -c "from pathlib import Path; from backend.organism.build import prepare; prepare(Path('$ROOT'), Path('/root/models/smollm2-135m-instruct'))"
     pids=()
-    for name in medical medical-r1 medical-r8 medical-r32 finance-r8 sports-r8; do
+    for name in $(python3 -c "from backend.organism.build import ADAPTERS; print(*(a[0] for a in ADAPTERS))"); do
       python3 -m backend.organism.build train-one "$ROOT" "$name" cuda > "/root/train-$name.log" 2>&1 &
       pids+=($!)
     done
