@@ -115,10 +115,11 @@ def test_table_and_detail_panel_show_stored_markup_as_text(xss_dashboard, page):
 
     box = grid.bounding_box()
     page.mouse.click(box["x"] + 15, box["y"] + 55)  # the first data row's selection cell
+    # The panel draws its parts one after another: wait for the judge's reasons, the last part, too.
     detail = wait_for(lambda: (texts := page.locator('[data-testid="stMain"] [data-testid="stText"]').all_inner_texts())
-                      and ANSWER in texts and texts, what="the detail panel", page=page)
+                      and ANSWER in texts and sum(f"the judge said {SCRIPT}" in t for t in texts) == 2 and texts,
+                      what="the detail panel with both judge reasons", page=page)
     assert f"Question 0 {IMG}" in detail
-    assert any(f"the judge said {SCRIPT}" in t for t in detail)
     assert page.locator("strong", has_text="not bold").count() == 0  # the markdown's ** stays two asterisks
     assert_inert(page, "detail panel")
     whole_page(page, ARTIFACTS / "escaping-detail.png")
