@@ -61,7 +61,8 @@ except (shipped.ShippedError, StoreError) as error:
 else:
     if ship.present:
         st.info(f"The Evaluations and Directions pages include {ship.describe()}, imported on the first run "
-                "so that the charts have content. Your own runs are kept apart and are never removed.",
+                "so that the charts have content. Your own runs are kept apart and are never removed."
+                + (f"\n\nThe bundle says: {ship.description}" if ship.description else ""),
                 icon=":material/inventory_2:")
         if st.button("Remove shipped data", key="remove-shipped"):
             try:

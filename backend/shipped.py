@@ -262,7 +262,8 @@ def import_bundle(store: Store, bundle: str | Path, cache_dir: str | Path, *, ba
         if isinstance(error, (ShippedError, StoreError)):
             raise
         raise ShippedError(f"bundle {name!r}: import failed, nothing was kept: {error}") from None
-    _write_marker(store, {"state": "imported", "bundle": name, "source": str(bundle), "runs": runs,
+    _write_marker(store, {"state": "imported", "bundle": name, "description": manifest.get("description", ""),
+                          "source": str(bundle), "runs": runs,
                           "directions": list(files), "at": datetime.now(timezone.utc).isoformat()})
     return ImportResult(name, runs, list(files), rows)
 
@@ -289,6 +290,11 @@ class ShippedStatus:
     @property
     def present(self) -> bool:
         return bool(self.runs or self.directions)
+
+    @property
+    def description(self) -> str:
+        """The bundle's own account of its data (how it was made, what to doubt), as imported."""
+        return (self.marker or {}).get("description", "") if self.present else ""
 
     def describe(self) -> str:
         if self.present:

@@ -68,7 +68,9 @@ def test_export_then_import_gives_the_same_rows_and_numbers(bundle, tmp_path):
     cosines, skipped = browse.cosine_matrix(infos, 2)
     assert not skipped and len(cosines) == 9
     assert not browse.transfer_matrix(store, runs=("run-0",)).empty
-    assert shipped.shipped_status(store).describe().startswith("shipped data (bundle 'bundle'): 1 run, 1,040 samples")
+    status = shipped.shipped_status(store)
+    assert status.describe().startswith("shipped data (bundle 'bundle'): 1 run, 1,040 samples")
+    assert status.description == "synthetic test bundle"  # the pages show the bundle's own caveats
 
 
 def test_import_is_idempotent_and_refuses_a_clash_whole(bundle, tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -277,6 +278,54 @@ def audit_shipped_judge(root: Path, base_dir: Path, audit: str, device: str = "c
     return {k: v for k, v in audit_report(audited).items() if k != "by_kind"}
 
 
+LABELLING = "results/labelling"  # under the organism's root
+
+
+def write_labelling_set(store: Path, root: Path, per_condition: int = 20, seed: int = 0) -> str:
+    """The answers an independent reader labels (measure.labelling_set) in LABELLING: set.json with the
+    judge's scores, blind.json (what the reader gets: question and answer under a shuffled id, no
+    condition, no score) and key.json (blind id -> item id)."""
+    from backend.organism.measure import labelling_set
+    items = labelling_set(store, k=per_condition, seed=seed)
+    order = list(range(len(items)))
+    random.Random(seed + 1).shuffle(order)
+    key = {f"x{position:03d}": items[index]["id"] for position, index in enumerate(order)}
+    blind = [{"id": blind_id, "question": items[order[n]]["question"], "answer": items[order[n]]["answer"]}
+             for n, blind_id in enumerate(key)]
+    out = root / LABELLING
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "set.json").write_text(json.dumps(items, indent=1, ensure_ascii=False))
+    (out / "blind.json").write_text(json.dumps(blind, indent=1, ensure_ascii=False))
+    (out / "key.json").write_text(json.dumps(key, indent=1))
+    return f"{len(items)} answers -> {out}/blind.json for the readers; write each reader's labels to {out}/reader-NAME.json"
+
+
+def read_labels(root: Path) -> tuple[list[dict], dict[str, dict[str, dict]]]:
+    """The labelling set and every reader's labels (reader-NAME.json, by blind id), by item id."""
+    out = root / LABELLING
+    items = json.loads((out / "set.json").read_text())
+    key = json.loads((out / "key.json").read_text())
+    labels = {}
+    for path in sorted(out.glob("reader-*.json")):
+        by_blind = json.loads(path.read_text())
+        missing = sorted(set(key) - set(by_blind))
+        if missing:
+            raise ValueError(f"{path}: no label for {len(missing)} answers ({', '.join(missing[:5])} ...)")
+        labels[path.stem.removeprefix("reader-")] = {key[blind_id]: label for blind_id, label in by_blind.items()}
+    return items, labels
+
+
+def write_labelling_report(root: Path) -> dict:
+    """judged-answers.md (every labelled answer with the judge's scores and the readers' calls) and
+    LABELLING/report.json."""
+    from backend.organism.measure import labelled_answers_markdown, labeller_report
+    items, labels = read_labels(root)
+    report = labeller_report(items, labels)
+    (root / LABELLING / "report.json").write_text(json.dumps(report, indent=1))
+    (root / "judged-answers.md").write_text(labelled_answers_markdown(items, labels, report))
+    return report
+
+
 def prepare(root: Path, base_dir: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     link = root / "base"
@@ -346,6 +395,10 @@ if __name__ == "__main__":  # worker entry points used by train_all and the GPU 
         print(write_fresh_audit(root))
     elif command == "audit-transformers":  # ROOT BASE_DIR AUDIT [DEVICE]: the shipped judge on data/AUDIT.json.gz
         print(audit_shipped_judge(root, Path(sys.argv[3]), sys.argv[4], sys.argv[5] if len(sys.argv) > 5 else "cpu"))
+    elif command == "labelling-set":  # STORE ROOT: the blind answers for independent readers
+        print(write_labelling_set(Path(sys.argv[2]), Path(sys.argv[3])))
+    elif command == "labelling-report":  # ROOT: the readers' labels against the judge
+        print(json.dumps(write_labelling_report(root)["em"], indent=1))
     elif command == "data-one":
         build_data(root, root / "base", questions=int(sys.argv[4]), keep=int(sys.argv[5]),
                    judge_questions=int(sys.argv[6]), seed=0, device=sys.argv[7], only=sys.argv[3])
