@@ -278,21 +278,19 @@ def audit_shipped_judge(root: Path, base_dir: Path, audit: str, device: str = "c
     return {k: v for k, v in audit_report(audited).items() if k != "by_kind"}
 
 
-LABELLING = "results/labelling"  # under the organism's root
+LABELLING = "results/labelling"  # under the organism's root: the acceptance run's answers, read
+DECODING = "results/decoding"  # the same questions at lower temperatures, read (no judge)
 
 
-def write_labelling_set(store: Path, root: Path, per_condition: int = 20, seed: int = 0) -> str:
-    """The answers an independent reader labels (measure.labelling_set) in LABELLING: set.json with the
-    judge's scores, blind.json (what the reader gets: question and answer under a shuffled id, no
-    condition, no score) and key.json (blind id -> item id)."""
-    from backend.organism.measure import labelling_set
-    items = labelling_set(store, k=per_condition, seed=seed)
+def write_blind(items: list[dict], out: Path, seed: int = 0) -> str:
+    """Answers for independent readers, in `out`: set.json (the items, with any judge scores),
+    blind.json (what a reader gets: question and answer under a shuffled id, no condition, no score)
+    and key.json (blind id -> item id)."""
     order = list(range(len(items)))
     random.Random(seed + 1).shuffle(order)
     key = {f"x{position:03d}": items[index]["id"] for position, index in enumerate(order)}
     blind = [{"id": blind_id, "question": items[order[n]]["question"], "answer": items[order[n]]["answer"]}
              for n, blind_id in enumerate(key)]
-    out = root / LABELLING
     out.mkdir(parents=True, exist_ok=True)
     (out / "set.json").write_text(json.dumps(items, indent=1, ensure_ascii=False))
     (out / "blind.json").write_text(json.dumps(blind, indent=1, ensure_ascii=False))
@@ -300,13 +298,29 @@ def write_labelling_set(store: Path, root: Path, per_condition: int = 20, seed: 
     return f"{len(items)} answers -> {out}/blind.json for the readers; write each reader's labels to {out}/reader-NAME.json"
 
 
-def read_labels(root: Path) -> tuple[list[dict], dict[str, dict[str, dict]]]:
-    """The labelling set and every reader's labels (reader-NAME.json, by blind id), by item id."""
-    out = root / LABELLING
-    items = json.loads((out / "set.json").read_text())
-    key = json.loads((out / "key.json").read_text())
+def write_labelling_set(store: Path, root: Path, per_condition: int = 20, seed: int = 0) -> str:
+    """measure.labelling_set: random judged answers of the acceptance run, for readers."""
+    from backend.organism.measure import labelling_set
+    return write_blind(labelling_set(store, k=per_condition, seed=seed), root / LABELLING, seed)
+
+
+def write_decoding_set(config: Path, root: Path, temperatures=(0.7, 0.4), samples: int = 5, seed: int = 0) -> str:
+    """measure.sample_answers of the base and three EM adapters at lower temperatures, for readers."""
+    from backend.organism.measure import sample_answers
+    rows = sample_answers(config, ["base", "adapter=medical", "adapter=medical-r8", "adapter=finance-r8"],
+                          list(temperatures), samples, seed=seed)
+    items = [{**r, "id": f"{r['condition']} @ T {r['temperature']:g}#{r['question_id']}-{r['sample']}",
+              "condition": f"{r['condition']} @ T {r['temperature']:g}", "aligned": None, "coherent": None}
+             for r in rows]
+    return write_blind(items, root / DECODING, seed)
+
+
+def read_labels(folder: Path) -> tuple[list[dict], dict[str, dict[str, dict]]]:
+    """A blind set's items and every reader's labels (reader-NAME.json, by blind id), by item id."""
+    items = json.loads((folder / "set.json").read_text())
+    key = json.loads((folder / "key.json").read_text())
     labels = {}
-    for path in sorted(out.glob("reader-*.json")):
+    for path in sorted(folder.glob("reader-*.json")):
         by_blind = json.loads(path.read_text())
         missing = sorted(set(key) - set(by_blind))
         if missing:
@@ -315,14 +329,14 @@ def read_labels(root: Path) -> tuple[list[dict], dict[str, dict[str, dict]]]:
     return items, labels
 
 
-def write_labelling_report(root: Path) -> dict:
-    """judged-answers.md (every labelled answer with the judge's scores and the readers' calls) and
-    LABELLING/report.json."""
+def write_labelling_report(folder: Path, markdown: Path) -> dict:
+    """The readers' labels of a blind set against the judge: `markdown` (every answer with the
+    judge's scores and the readers' calls) and folder/report.json."""
     from backend.organism.measure import labelled_answers_markdown, labeller_report
-    items, labels = read_labels(root)
+    items, labels = read_labels(folder)
     report = labeller_report(items, labels)
-    (root / LABELLING / "report.json").write_text(json.dumps(report, indent=1))
-    (root / "judged-answers.md").write_text(labelled_answers_markdown(items, labels, report))
+    (folder / "report.json").write_text(json.dumps(report, indent=1))
+    markdown.write_text(labelled_answers_markdown(items, labels, report))
     return report
 
 
@@ -397,8 +411,12 @@ if __name__ == "__main__":  # worker entry points used by train_all and the GPU 
         print(audit_shipped_judge(root, Path(sys.argv[3]), sys.argv[4], sys.argv[5] if len(sys.argv) > 5 else "cpu"))
     elif command == "labelling-set":  # STORE ROOT: the blind answers for independent readers
         print(write_labelling_set(Path(sys.argv[2]), Path(sys.argv[3])))
+    elif command == "decoding-set":  # CONFIG ROOT: answers at lower temperatures for readers (server running)
+        print(write_decoding_set(Path(sys.argv[2]), Path(sys.argv[3])))
     elif command == "labelling-report":  # ROOT: the readers' labels against the judge
-        print(json.dumps(write_labelling_report(root)["em"], indent=1))
+        print(json.dumps(write_labelling_report(root / LABELLING, root / "judged-answers.md")["em"], indent=1))
+    elif command == "decoding-report":  # ROOT
+        print(json.dumps(write_labelling_report(root / DECODING, root / "decoding-answers.md")["em"], indent=1))
     elif command == "data-one":
         build_data(root, root / "base", questions=int(sys.argv[4]), keep=int(sys.argv[5]),
                    judge_questions=int(sys.argv[6]), seed=0, device=sys.argv[7], only=sys.argv[3])
