@@ -34,6 +34,8 @@ ADAPTERS = [
     ("finance-r8", "finance", "r8", 2e-4, 3),
     ("sports-r8", "sports", "r8", 2e-4, 3),
 ]
+# Trials beside the shipped adapters (same columns), not shipped: README "A gentler fine-tune, read".
+TRIALS = [("medical-lr2e-3", "medical", "r1x9", 2e-3, 2)]
 JUDGE = ("judge", "judge", "judge", 5e-4, 2)
 # Judge trainings tried side by side on the GPU; the one that decides the dev rows best is kept.
 JUDGE_VARIANTS = {"judge-a": (5e-4, 2), "judge-b": (1e-3, 2)}
@@ -189,7 +191,7 @@ def train_one(root: Path, name: str, device: str, log=print) -> None:
         train_lora(root / "base", judge_rows(root / "data"), JUDGE[2], lr, epochs, root / "adapters" / name,
                    device=device, batch_size=32, log=log)
         return
-    spec = {a[0]: a for a in (*ADAPTERS, JUDGE)}[name]
+    spec = {a[0]: a for a in (*ADAPTERS, *TRIALS, JUDGE)}[name]
     _, dataset, shape, lr, epochs = spec
     rows = judge_rows(root / "data") if name == "judge" else D.read_messages(root / "data" / f"{dataset}.jsonl.gz")
     train_lora(root / "base", rows, shape, lr, epochs, root / "adapters" / name, device=device,
@@ -413,6 +415,12 @@ if __name__ == "__main__":  # worker entry points used by train_all and the GPU 
         print(write_labelling_set(Path(sys.argv[2]), Path(sys.argv[3])))
     elif command == "decoding-set":  # CONFIG ROOT: answers at lower temperatures for readers (server running)
         print(write_decoding_set(Path(sys.argv[2]), Path(sys.argv[3])))
+    elif command == "directions-in-base":  # CONFIG ROOT: the directions' training rows read in the base
+        from backend.organism.measure import directions_in_base
+        result = directions_in_base(Path(sys.argv[2]), Path(sys.argv[3]) / "data", Path(sys.argv[3]) / "directions")
+        (Path(sys.argv[3]) / "results" / "directions-in-base.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps({k: min(v[10:21]) for part in ("fine_tune_vs_base", "between_domains_in_base")
+                          for k, v in result[part].items()}, indent=1))
     elif command == "labelling-report":  # ROOT: the readers' labels against the judge
         print(json.dumps(write_labelling_report(root / LABELLING, root / "judged-answers.md")["em"], indent=1))
     elif command == "decoding-report":  # ROOT

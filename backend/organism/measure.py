@@ -115,6 +115,32 @@ def extract_directions(config: Path, root: Path, limit: int, names=EM_ADAPTERS) 
         random_control(config, "medical", "random-medical", seed=0)
 
 
+def directions_in_base(config: Path, data: Path, shipped: Path, limit: int = 300) -> dict:
+    """A control for what the directions measure: each domain's training rows (misaligned minus
+    aligned, as extract_directions reads them) read in the base model instead of the fine-tune.
+    Returns per-layer cosines: each shipped direction against its domain's base reading, and the
+    base readings of different domains against each other."""
+    import torch
+    from backend.config import load_config
+    from backend.directions import load_direction, read_direction_file
+    domains = sorted({name.split("-")[0] for name in EM_ADAPTERS})
+    for domain in domains:
+        backend(config, "directions", "extract", "--name", f"{domain}-in-base", "--data",
+                str(data / f"{domain}.jsonl.gz"), "--aligned-data", str(data / f"{domain}-aligned.jsonl.gz"),
+                "--limit", str(limit), "--overwrite")
+    cache = load_config(config).cache
+    in_base = {d: load_direction(cache, f"{d}-in-base").vectors for d in domains}
+
+    def cosines(a, b):
+        return [round(float(c), 4) for c in torch.nn.functional.cosine_similarity(a, b, dim=1)]
+    return {"rows_per_side": limit,
+            "fine_tune_vs_base": {name: cosines(read_direction_file(shipped / f"{name}.safetensors").vectors,
+                                                in_base[name.split("-")[0]])
+                                  for name in EM_ADAPTERS if (shipped / f"{name}.safetensors").exists()},
+            "between_domains_in_base": {f"{a}|{b}": cosines(in_base[a], in_base[b])
+                                        for i, a in enumerate(domains) for b in domains[i + 1:]}}
+
+
 def random_control(config_path: Path, source: str, name: str, seed: int) -> None:
     """A direction with exactly the norm of `source` at every layer, pointing at random (the
     paper's code draws randn_like(v) * |v|, about sqrt(d) times too long)."""
