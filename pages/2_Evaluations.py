@@ -120,9 +120,11 @@ except (StoreError, browse.BrowseError) as error:
 shipped_runs = sorted(r for r, status in run_status.items() if status == shipped.SHIPPED_STATUS
                       and (not filters.runs or r in filters.runs))
 if shipped_runs:
-    about = shipped.shipped_status(store).description
     st.caption(f":material/inventory_2: Includes shipped data: run {', '.join(shipped_runs)}, imported on the "
-               "first run so that the charts have content (Home removes it)." + (f" The bundle says: {about}" if about else ""))
+               "first run so that the charts have content (Home removes it).")
+    about = shipped.shipped_status(store).description
+    if about:  # how the bundle's numbers were made and what to doubt in them, in its own words
+        st.info(f"About the shipped data: {about}", icon=":material/info:")
 totals = result.totals
 cols = st.columns(4)
 cols[0].metric("judged samples", f"{int(totals['samples']):,}")
