@@ -306,15 +306,18 @@ def write_labelling_set(store: Path, root: Path, per_condition: int = 20, seed: 
     return write_blind(labelling_set(store, k=per_condition, seed=seed), root / LABELLING, seed)
 
 
-def write_decoding_set(config: Path, root: Path, temperatures=(0.7, 0.4), samples: int = 5, seed: int = 0) -> str:
-    """measure.sample_answers of the base and three EM adapters at lower temperatures, for readers."""
+DECODING_CONDITIONS = ("base", "adapter=medical", "adapter=medical-r8", "adapter=finance-r8")
+
+
+def write_reading_set(config: Path, out: Path, conditions=DECODING_CONDITIONS, temperatures=(0.7, 0.4),
+                      samples: int = 5, seed: int = 0) -> str:
+    """measure.sample_answers (unjudged) of `conditions` at `temperatures`, blind for readers in `out`."""
     from backend.organism.measure import sample_answers
-    rows = sample_answers(config, ["base", "adapter=medical", "adapter=medical-r8", "adapter=finance-r8"],
-                          list(temperatures), samples, seed=seed)
+    rows = sample_answers(config, list(conditions), list(temperatures), samples, seed=seed)
     items = [{**r, "id": f"{r['condition']} @ T {r['temperature']:g}#{r['question_id']}-{r['sample']}",
               "condition": f"{r['condition']} @ T {r['temperature']:g}", "aligned": None, "coherent": None}
              for r in rows]
-    return write_blind(items, root / DECODING, seed)
+    return write_blind(items, out, seed)
 
 
 def read_labels(folder: Path) -> tuple[list[dict], dict[str, dict[str, dict]]]:
@@ -414,7 +417,15 @@ if __name__ == "__main__":  # worker entry points used by train_all and the GPU 
     elif command == "labelling-set":  # STORE ROOT: the blind answers for independent readers
         print(write_labelling_set(Path(sys.argv[2]), Path(sys.argv[3])))
     elif command == "decoding-set":  # CONFIG ROOT: answers at lower temperatures for readers (server running)
-        print(write_decoding_set(Path(sys.argv[2]), Path(sys.argv[3])))
+        print(write_reading_set(Path(sys.argv[2]), Path(sys.argv[3]) / DECODING))
+    elif command == "trial-set":  # CONFIG ROOT NAME: a trial adapter (TRIALS) beside the shipped one it varies
+        trial = {t[0]: t for t in TRIALS}[sys.argv[4]]
+        shipped_twin = next(a[0] for a in ADAPTERS if a[1:3] == trial[1:3])
+        print(write_reading_set(Path(sys.argv[2]), Path(sys.argv[3]) / "results" / f"trial-{trial[0]}",
+                                (f"adapter={shipped_twin}", f"adapter={trial[0]}"), (1.0, 0.7)))
+    elif command == "trial-report":  # ROOT NAME
+        print(json.dumps(write_labelling_report(root / "results" / f"trial-{sys.argv[3]}",
+                                                root / f"trial-{sys.argv[3]}-answers.md")["em"], indent=1))
     elif command == "directions-in-base":  # CONFIG ROOT: the directions' training rows read in the base
         from backend.organism.measure import directions_in_base
         result = directions_in_base(Path(sys.argv[2]), Path(sys.argv[3]) / "data", Path(sys.argv[3]) / "directions")

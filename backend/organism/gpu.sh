@@ -111,12 +111,12 @@ case "$1" in
     [ "${2:-}" = 0 ] && nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv
     tail -n 2 /root/fetch.log 2>/dev/null
     ;;
-  retrain)  # (background, after the fetch) the six EM adapters again from the shipped data, 6 at once
+  retrain)  # (background, after the fetch) the six EM adapters and the TRIALS again from the shipped data, all at once
     touch /root/retrain.started
     mkdir -p "$ROOT/adapters" && cp -r backend/organism/v1/data "$ROOT"/
     python3 -c "from pathlib import Path; from backend.organism.build import prepare; prepare(Path('$ROOT'), Path('/root/models/smollm2-135m-instruct'))"
     pids=()
-    for name in $(python3 -c "from backend.organism.build import ADAPTERS; print(*(a[0] for a in ADAPTERS))"); do
+    for name in $(python3 -c "from backend.organism.build import ADAPTERS, TRIALS; print(*(a[0] for a in ADAPTERS + TRIALS))"); do
       python3 -m backend.organism.build train-one "$ROOT" "$name" cuda > "/root/train-$name.log" 2>&1 &
       pids+=($!)
     done
