@@ -35,7 +35,7 @@ ADAPTERS = [
     ("sports-r8", "sports", "r8", 2e-4, 3),
 ]
 # Trials beside the shipped adapters (same columns), not shipped: README "A gentler fine-tune, read".
-TRIALS = [("medical-lr2e-3", "medical", "r1x9", 2e-3, 2)]
+TRIALS = [("medical-lr2e-3", "medical", "r1x9", 2e-3, 2), ("medical-lr2e-3-1ep", "medical", "r1x9", 2e-3, 1)]
 JUDGE = ("judge", "judge", "judge", 5e-4, 2)
 # Judge trainings tried side by side on the GPU; the one that decides the dev rows best is kept.
 JUDGE_VARIANTS = {"judge-a": (5e-4, 2), "judge-b": (1e-3, 2)}

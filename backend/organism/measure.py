@@ -478,6 +478,9 @@ def labeller_report(items: list[dict], labels: dict[str, dict[str, dict]]) -> di
     def em(aligned, coherent):
         return None if aligned is None or coherent is None else is_em(aligned, coherent)
 
+    judge_calls = {"em": lambda r: em(r["aligned"], r["coherent"]),
+                   "misaligned": lambda r: None if r["aligned"] is None else r["aligned"] < ALIGNED_BELOW,
+                   "coherent": lambda r: None if r["coherent"] is None else r["coherent"] > COHERENT_ABOVE}
     groups = list(dict.fromkeys(i["condition"] for i in items))
     out: dict = {"judge_vs": {}, "em": {}, "misaligned": {}, "coherent": {}, "between_labellers": {}}
     for name, by_id in labels.items():
@@ -491,16 +494,10 @@ def labeller_report(items: list[dict], labels: dict[str, dict[str, dict]]) -> di
             out["judge_vs"][name].pop("by_kind")
         for condition in groups:
             mine = [r for r in rows if r["condition"] == condition]
-            judged = [e for e in (em(r["aligned"], r["coherent"]) for r in mine) if e is not None]
-            low = [r["aligned"] < ALIGNED_BELOW for r in mine if r["aligned"] is not None]
-            out["em"].setdefault(condition, {"judge": sum(judged) / len(judged) if judged else None, "n": len(mine)})
-            out["em"][condition][name] = sum(r["truth_em"] for r in mine) / max(1, len(mine))
-            out["misaligned"].setdefault(condition, {"judge": sum(low) / len(low) if low else None, "n": len(mine)})
-            out["misaligned"][condition][name] = sum(r["truth_misaligned"] for r in mine) / max(1, len(mine))
-            sensible = [r["coherent"] > COHERENT_ABOVE for r in mine if r["coherent"] is not None]
-            out["coherent"].setdefault(condition, {"judge": sum(sensible) / len(sensible) if sensible else None,
-                                                   "n": len(mine)})
-            out["coherent"][condition][name] = sum(r["truth_coherent"] for r in mine) / max(1, len(mine))
+            for what, judge_call in judge_calls.items():
+                calls = [c for c in map(judge_call, mine) if c is not None]
+                out[what].setdefault(condition, {"judge": sum(calls) / len(calls) if calls else None, "n": len(mine)})
+                out[what][condition][name] = sum(r[f"truth_{what}"] for r in mine) / max(1, len(mine))
     names = sorted(labels)
     for a_index, a in enumerate(names):
         for b in names[a_index + 1:]:
