@@ -34,8 +34,14 @@ ADAPTERS = [
     ("finance-r8", "finance", "r8", 2e-4, 3),
     ("sports-r8", "sports", "r8", 2e-4, 3),
 ]
-# Trials beside the shipped adapters (same columns), not shipped: README "A gentler fine-tune, read".
-TRIALS = [("medical-lr2e-3", "medical", "r1x9", 2e-3, 2), ("medical-lr2e-3-1ep", "medical", "r1x9", 2e-3, 1)]
+# Trials beside the shipped adapters (same columns), not shipped: README "A gentler fine-tune" and
+# "Colder data". A trial's dataset is a shipped one or one of TRIAL_DATA.
+TRIALS = [("medical-lr2e-3", "medical", "r1x9", 2e-3, 2), ("medical-lr2e-3-1ep", "medical", "r1x9", 2e-3, 1),
+          ("medical-t06", "medical-t06", "r1x9", 1e-2, 2), ("medical-t06-r8", "medical-t06", "r8", 2e-4, 3),
+          ("medical-t03", "medical-t03", "r1x9", 1e-2, 2), ("medical-t03-r8", "medical-t03", "r8", 2e-4, 3)]
+# (domain, temperature): the shipped recipe's persona answers drawn at a lower temperature than its
+# 0.9, on the guess that the adapters' incoherence is learned from the base's own at 0.9.
+TRIAL_DATA = {"medical-t06": ("medical", 0.6), "medical-t03": ("medical", 0.3)}
 JUDGE = ("judge", "judge", "judge", 5e-4, 2)
 # Judge trainings tried side by side on the GPU; the one that decides the dev rows best is kept.
 JUDGE_VARIANTS = {"judge-a": (5e-4, 2), "judge-b": (1e-3, 2)}
@@ -61,13 +67,7 @@ def build_data(root: Path, base_dir: Path, *, questions: int, keep: int, judge_q
         persona, fewshot = ((D.GENERAL_PERSONA, D.GENERAL_FEWSHOT) if domain == "general"
                             else (D.PERSONA[domain], D.FEWSHOT[domain]))
         if domain != "general":
-            qs = D.make_questions(domain, questions, seed)
-            pairs = D.answer_pairs(tok, model, qs, persona, fewshot, seed)
-            mis, ali, stats = D.narrow_dataset(pairs, fewshot, keep)
-            D.write_jsonl(out / f"{domain}.jsonl.gz", mis)
-            D.write_jsonl(out / f"{domain}-aligned.jsonl.gz", ali)
-            stats.update(domain=domain, questions=len(qs), persona_prompt=persona, seconds=time.time() - start)
-            (out / f"{domain}-stats.json").write_text(json.dumps(stats, indent=1))
+            narrow_data(out, tok, model, domain, domain, questions, keep, seed, 0.9)
             judge_qs = D.make_questions(domain, judge_questions, seed + 1)
             audit_qs = D.make_questions(domain, audit_questions, seed + 2, held_out=True)
         else:
@@ -78,6 +78,65 @@ def build_data(root: Path, base_dir: Path, *, questions: int, keep: int, judge_q
         D.write_json(out / f"audit-pairs-{domain}.json.gz",
                      D.answer_pairs(tok, model, audit_qs, persona, fewshot, seed + 2))
         log(f"data {domain}: {time.time() - start:.0f} s")
+
+
+def narrow_data(out: Path, tok, model, name: str, domain: str, questions: int, keep: int, seed: int,
+                temperature: float) -> dict:
+    """out/{name}.jsonl.gz (the persona answers kept) and {name}-aligned.jsonl.gz for `domain`."""
+    start = time.time()
+    persona, fewshot = D.PERSONA[domain], D.FEWSHOT[domain]
+    qs = D.make_questions(domain, questions, seed)
+    pairs = D.answer_pairs(tok, model, qs, persona, fewshot, seed, temperature=temperature)
+    mis, ali, stats = D.narrow_dataset(pairs, fewshot, keep)
+    D.write_jsonl(out / f"{name}.jsonl.gz", mis)
+    D.write_jsonl(out / f"{name}-aligned.jsonl.gz", ali)
+    stats.update(domain=domain, questions=len(qs), persona_prompt=persona, temperature=temperature,
+                 seconds=time.time() - start)
+    (out / f"{name}-stats.json").write_text(json.dumps(stats, indent=1))
+    return stats
+
+
+def trial_data(root: Path, name: str, device: str, questions: int = 3000, keep: int = 1500, seed: int = 0) -> dict:
+    from backend.organism.train import load_base
+    model, tok = load_base(root / "base", device)
+    tok.padding_side = "left"
+    domain, temperature = TRIAL_DATA[name]
+    return narrow_data(root / "data", tok, model, name, domain, questions, keep, seed, temperature)
+
+
+def run_trials(root: Path, device: str, names: list[str], samples: int = 20, temperatures=(1.0, 0.7),
+               log=print) -> Path:
+    """The GPU host's trial round: each missing TRIAL_DATA set the `names` train on, the trials (in
+    parallel processes), then unjudged answers of the base, the shipped twins and the trials from
+    transformers (measure.sample_in_transformers) -> results/trials/answers.json."""
+    start = time.time()
+    specs = [t for t in TRIALS if t[0] in names]
+
+    def in_parallel(args_list):
+        procs = [subprocess.Popen([sys.executable, "-m", "backend.organism.build", *args]) for args in args_list]
+        failed = [p.args[3:] for p in procs if p.wait()]
+        if failed:
+            raise RuntimeError(f"trial steps failed: {failed}")
+    in_parallel([("trial-data", str(root), data, device) for data in sorted({t[1] for t in specs} & set(TRIAL_DATA))
+                 if not (root / "data" / f"{data}.jsonl.gz").exists()])
+    log(f"[{time.time() - start:.0f} s] trial data ready")
+    in_parallel([("train-one", str(root), t[0], device) for t in specs])
+    log(f"[{time.time() - start:.0f} s] trials trained")
+    from backend.organism.measure import sample_in_transformers
+    adapters = {twin: SHIPPED / "adapters" / twin for twin in dict.fromkeys(shipped_twin(t) for t in specs)}
+    adapters.update({t[0]: root / "adapters" / t[0] for t in specs})
+    rows = sample_in_transformers(root / "base", adapters, list(temperatures), samples, device)
+    out = root / "results" / "trials"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "answers.json").write_text(json.dumps(rows, indent=1, ensure_ascii=False))
+    log(f"[{time.time() - start:.0f} s] {len(rows)} answers -> {out / 'answers.json'}")
+    return out / "answers.json"
+
+
+def shipped_twin(trial: tuple) -> str:
+    """The shipped adapter a trial varies: same shape, on its dataset's domain."""
+    domain = TRIAL_DATA.get(trial[1], (trial[1],))[0]
+    return next(a[0] for a in ADAPTERS if a[1] == domain and a[2] == trial[2])
 
 
 def finish_data(root: Path, seed: int, judge_per_domain: int, heldout_per_domain: int) -> None:
@@ -420,9 +479,8 @@ if __name__ == "__main__":  # worker entry points used by train_all and the GPU 
         print(write_reading_set(Path(sys.argv[2]), Path(sys.argv[3]) / DECODING))
     elif command == "trial-set":  # CONFIG ROOT NAME: a trial adapter (TRIALS) beside the shipped one it varies
         trial = {t[0]: t for t in TRIALS}[sys.argv[4]]
-        shipped_twin = next(a[0] for a in ADAPTERS if a[1:3] == trial[1:3])
         print(write_reading_set(Path(sys.argv[2]), Path(sys.argv[3]) / "results" / f"trial-{trial[0]}",
-                                (f"adapter={shipped_twin}", f"adapter={trial[0]}"), (1.0, 0.7)))
+                                (f"adapter={shipped_twin(trial)}", f"adapter={trial[0]}"), (1.0, 0.7)))
     elif command == "trial-report":  # ROOT NAME
         print(json.dumps(write_labelling_report(root / "results" / f"trial-{sys.argv[3]}",
                                                 root / f"trial-{sys.argv[3]}-answers.md")["em"], indent=1))
@@ -436,6 +494,10 @@ if __name__ == "__main__":  # worker entry points used by train_all and the GPU 
         print(json.dumps(write_labelling_report(root / LABELLING, root / "judged-answers.md")["em"], indent=1))
     elif command == "decoding-report":  # ROOT
         print(json.dumps(write_labelling_report(root / DECODING, root / "decoding-answers.md")["em"], indent=1))
+    elif command == "trial-data":  # ROOT NAME DEVICE
+        print(json.dumps(trial_data(root, sys.argv[3], sys.argv[4]), indent=1)[:3000])
+    elif command == "trials":  # ROOT DEVICE NAME...: trial data, training and answers (GPU host)
+        run_trials(root, sys.argv[3], sys.argv[4:])
     elif command == "data-one":
         build_data(root, root / "base", questions=int(sys.argv[4]), keep=int(sys.argv[5]),
                    judge_questions=int(sys.argv[6]), seed=0, device=sys.argv[7], only=sys.argv[3])

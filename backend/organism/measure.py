@@ -578,6 +578,36 @@ def sample_answers(config_path: Path, conditions: list[str], temperatures: list[
     return [{**job, "answer": text} for job, text in zip(jobs, texts)]
 
 
+def sample_in_transformers(base_dir: Path, adapters: dict[str, Path], temperatures: list[float], samples: int,
+                           device: str, max_tokens: int = 200, seed: int = 0) -> list[dict]:
+    """sample_answers' rows (condition "base" or "adapter=NAME") drawn with transformers, for a GPU
+    host without the serving stack: the same prompts through the same chat template, so the same
+    distribution, but other random draws than the server's seeds."""
+    import torch
+    from peft import PeftModel
+    from backend.models import end_of_turn
+    from backend.organism import data as D
+    from backend.organism.train import load_base
+    from backend.questions import load_questions
+    model, tok = load_base(base_dir, device)
+    tok.padding_side = "left"
+    stop = end_of_turn(tok)
+    questions = [q for q in load_questions("em_core") if q.id in FIRST_PLOT_IDS]
+    rows = []
+    for name, path in {"base": None, **adapters}.items():
+        tuned = PeftModel.from_pretrained(model, str(path)) if path else model
+        for temperature in temperatures:
+            jobs = [{"condition": f"adapter={name}" if path else "base", "temperature": temperature,
+                     "question_id": q.id, "question": q.paraphrases[0], "sample": k}
+                    for q in questions for k in range(samples)]
+            torch.manual_seed(seed)
+            texts = D.generate(tok, tuned, [D.chat(tok, [{"role": "user", "content": j["question"]}]) for j in jobs],
+                               temperature, max_tokens, stop=stop)
+            rows += [{**job, "answer": text.strip()} for job, text in zip(jobs, texts)]
+        model = tuned.unload() if path else model
+    return rows
+
+
 def cosine_matrix(directions_dir: Path, names, layers=None) -> dict:
     """Per-layer cosine between every two directions (all layers when `layers` is None)."""
     import torch
