@@ -19,7 +19,7 @@
 #   judge-carry, trials[, trials-wait]
 #              build.TRIALS named in TRIAL_NAMES (their TRIAL_DATA drawn first), trained and sampled with
 #              the host's packages only (`build trials`): the model carried as for the judge, below;
-#              $OUT/trials.tgz brings back the trial data, adapters and answers (results/trials)
+#              $OUT/trials.tgz.part* bring back the trial data, adapters and answers (results/trials)
 #   judge-carry, judge-train, judge-wait
 #              the judge alone, with the host's torch/transformers/peft and no vLLM: the SmolLM2 and
 #              gguf wheels carried in two pieces of .gpu/judge/ (made here with
@@ -82,7 +82,8 @@ case "$1" in
   trials-wait)
     until [ -f /root/trials.done ] || [ $(( $(date +%s) - t0 )) -gt "${WAIT_S:-520}" ]; do sleep 10; done
     grep -v "^Loading\|it/s\]" /root/trials.log | tail -n 40
-    cp /root/trials.log "$ROOT"/ && (cd "$ROOT" && tar -czf "$OUT/trials.tgz" trials.log results/trials data/*-t0* adapters 2>/dev/null); ls -la "$OUT"
+    cp /root/trials.log "$ROOT"/ && (cd "$ROOT" && tar -czf /root/trials.tgz trials.log results/trials data/*-t0* adapters 2>/dev/null)
+    split -b 15M /root/trials.tgz "$OUT/trials.tgz.part" && ls -la "$OUT"
     ;;
   judge-carry)
     cp -r .gpu/judge/part* .gpu/judge/adapters /root/pieces/ 2>/dev/null; ls -la /root/pieces
