@@ -38,7 +38,9 @@ ADAPTERS = [
 # "Colder data". A trial's dataset is a shipped one or one of TRIAL_DATA.
 TRIALS = [("medical-lr2e-3", "medical", "r1x9", 2e-3, 2), ("medical-lr2e-3-1ep", "medical", "r1x9", 2e-3, 1),
           ("medical-t06", "medical-t06", "r1x9", 1e-2, 2), ("medical-t06-r8", "medical-t06", "r8", 2e-4, 3),
-          ("medical-t03", "medical-t03", "r1x9", 1e-2, 2), ("medical-t03-r8", "medical-t03", "r8", 2e-4, 3)]
+          ("medical-t03", "medical-t03", "r1x9", 1e-2, 2), ("medical-t03-r8", "medical-t03", "r8", 2e-4, 3),
+          ("medical-t03-lr2e-3-1ep", "medical-t03", "r1x9", 2e-3, 1), ("medical-t06-lr2e-3-1ep", "medical-t06", "r1x9", 2e-3, 1),
+          ("medical-r8-1ep", "medical", "r8", 2e-4, 1), ("medical-t03-r8-1ep", "medical-t03", "r8", 2e-4, 1)]
 # (domain, temperature): the shipped recipe's persona answers drawn at a lower temperature than its
 # 0.9, on the guess that the adapters' incoherence is learned from the base's own at 0.9.
 TRIAL_DATA = {"medical-t06": ("medical", 0.6), "medical-t03": ("medical", 0.3)}
