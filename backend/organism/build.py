@@ -374,11 +374,23 @@ def write_reading_set(config: Path, out: Path, conditions=DECODING_CONDITIONS, t
                       samples: int = 5, seed: int = 0) -> str:
     """measure.sample_answers (unjudged) of `conditions` at `temperatures`, blind for readers in `out`."""
     from backend.organism.measure import sample_answers
-    rows = sample_answers(config, list(conditions), list(temperatures), samples, seed=seed)
-    items = [{**r, "id": f"{r['condition']} @ T {r['temperature']:g}#{r['question_id']}-{r['sample']}",
-              "condition": f"{r['condition']} @ T {r['temperature']:g}", "aligned": None, "coherent": None}
-             for r in rows]
-    return write_blind(items, out, seed)
+    return write_blind(reading_items(sample_answers(config, list(conditions), list(temperatures), samples, seed=seed)),
+                       out, seed)
+
+
+def reading_items(rows: list[dict]) -> list[dict]:
+    """Unjudged answers (sample_answers' rows) as items of a blind set, condition and temperature in one."""
+    return [{**r, "id": f"{r['condition']} @ T {r['temperature']:g}#{r['question_id']}-{r['sample']}",
+             "condition": f"{r['condition']} @ T {r['temperature']:g}", "aligned": None, "coherent": None}
+            for r in rows]
+
+
+def write_trial_sets(folder: Path, per_question: int = 4, seed: int = 0) -> list[str]:
+    """folder/answers.json (run_trials) as one blind set per temperature, folder/T{t}/, holding the
+    first `per_question` samples of each condition and question."""
+    rows = [r for r in json.loads((folder / "answers.json").read_text()) if r["sample"] < per_question]
+    return [write_blind(reading_items([r for r in rows if r["temperature"] == t]), folder / f"T{t:g}", seed)
+            for t in sorted({r["temperature"] for r in rows}, reverse=True)]
 
 
 def read_labels(folder: Path) -> tuple[list[dict], dict[str, dict[str, dict]]]:
@@ -500,6 +512,12 @@ if __name__ == "__main__":  # worker entry points used by train_all and the GPU 
         print(json.dumps(trial_data(root, sys.argv[3], sys.argv[4]), indent=1)[:3000])
     elif command == "trials":  # ROOT DEVICE NAME...: trial data, training and answers (GPU host)
         run_trials(root, sys.argv[3], sys.argv[4:])
+    elif command == "trials-sets":  # ROOT: the GPU trials' answers (results/trials) for readers
+        print(*write_trial_sets(root / "results" / "trials"), sep="\n")
+    elif command == "trials-report":  # ROOT
+        for folder in sorted((root / "results" / "trials").glob("T*")):
+            report = write_labelling_report(folder, root / f"trials-answers-{folder.name}.md")
+            print(json.dumps(report["em"], indent=1))
     elif command == "data-one":
         build_data(root, root / "base", questions=int(sys.argv[4]), keep=int(sys.argv[5]),
                    judge_questions=int(sys.argv[6]), seed=0, device=sys.argv[7], only=sys.argv[3])
