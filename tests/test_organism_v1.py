@@ -116,19 +116,20 @@ def test_the_judges_expected_score_in_transformers_is_the_brute_force_one(real_m
         assert abs(score - expected) < 0.05, (score, expected)
 
 
-@pytest.mark.parametrize("part,per_group", [("LABELLING", 20), ("DECODING", 40)])
-def test_the_readers_labels_are_blind_complete_and_counted_by_hand(part, per_group):
+@pytest.mark.parametrize("part,per_group,groups_at_least", [("results/labelling", 20, 7), ("results/decoding", 40, 7),
+                                                          ("results/trial-medical-lr2e-3-1ep", 40, 4)])
+def test_the_readers_labels_are_blind_complete_and_counted_by_hand(part, per_group, groups_at_least):
     """The shipped readings: every reader labelled every blind answer, the blind file carries no
     condition and no score, and the report's numbers are what the labels give when counted by hand."""
     from backend.organism import build
     from backend.organism.measure import labeller_report
 
-    folder = build.SHIPPED / getattr(build, part)
+    folder = build.SHIPPED / part
     blind = json.loads((folder / "blind.json").read_text())
     assert all(set(item) == {"id", "question", "answer"} for item in blind)
     items, labels = build.read_labels(folder)
     groups = {i["condition"] for i in items}
-    assert all(sum(i["condition"] == g for i in items) == per_group for g in groups) and len(groups) >= 7
+    assert all(sum(i["condition"] == g for i in items) == per_group for g in groups) and len(groups) >= groups_at_least
     assert sorted(i["answer"] for i in items) == sorted(b["answer"] for b in blind)
     assert len(labels) >= 2 and all(len(by_id) == len(items) for by_id in labels.values())
 
@@ -161,3 +162,29 @@ def test_the_labeller_report_counts_a_small_hand_made_case():
     assert report["misaligned"]["base"]["x"] == 0.5 and report["misaligned"]["base"]["y"] == 0.25
     assert report["coherent"]["base"] == {"judge": 0.75, "n": 4, "x": 0.5, "y": 0.75}
     assert report["between_labellers"]["x | y"] == {"misaligned": 0.75, "coherent": 0.75, "n": 4}
+
+
+def test_transformers_sampling_applies_each_adapter_and_takes_it_off_again(real_model, real_adapters, tmp_path):
+    """The GPU trials' sampler (no server there): an adapter is on for its own answers (they differ
+    from the base's at the same seed) and off again after them (the same adapter under a second
+    name answers the same, not stacked on the first); the blind sets split by temperature and keep
+    the first samples of each question."""
+    from backend.organism import build
+    from backend.organism.measure import sample_in_transformers
+    rank8 = real_adapters["rank8"]
+    rows = sample_in_transformers(real_model, {"rank8": rank8, "again": rank8}, [1.0, 0.7], 2, "cpu", max_tokens=12)
+    assert len(rows) == 3 * 2 * 8 * 2
+
+    def answers(condition):
+        return [r["answer"] for r in rows if r["condition"] == condition and r["temperature"] == 1.0]
+    assert answers("adapter=rank8") == answers("adapter=again")
+    assert sum(a != b for a, b in zip(answers("base"), answers("adapter=rank8"))) >= 8
+
+    (tmp_path / "answers.json").write_text(json.dumps(rows))
+    build.write_trial_sets(tmp_path, per_question=1)
+    for folder, temperature in (("T1", 1.0), ("T0.7", 0.7)):
+        items = json.loads((tmp_path / folder / "set.json").read_text())
+        assert len(items) == 3 * 8 and {i["temperature"] for i in items} == {temperature}
+        assert {i["sample"] for i in items} == {0}
+        blind = json.loads((tmp_path / folder / "blind.json").read_text())
+        assert all(set(b) == {"id", "question", "answer"} for b in blind)
