@@ -44,6 +44,17 @@ def test_adapters_fit_the_real_base(real_model, name):
         assert config["use_rslora"] is (name != "judge")
 
 
+@pytest.mark.parametrize("name,shape", [("medical-t03", "r1x9"), ("medical-t03-r8-1ep", "r8")])
+def test_the_kept_trials_fit_the_real_base_in_the_shape_their_recipe_names(real_model, name, shape):
+    from backend.organism.build import TRIALS
+    from backend.organism.train import SHAPES
+    assert {t[0]: t[2] for t in TRIALS}[name] == shape
+    files = read_adapter_files(name, V1 / "trials" / name)
+    check_compatible(files, BaseShape.from_model(str(real_model)), max_lora_rank=8)
+    assert files.max_rank == SHAPES[shape].rank and set(files.target_modules) == set(SHAPES[shape].modules)
+    assert files.layers == (SHAPES[shape].layers or tuple(range(30)))
+
+
 @pytest.mark.parametrize("name", DIRECTIONS)
 def test_directions_were_made_on_the_real_base(real_model, name):
     direction = read_direction_file(V1 / "directions" / f"{name}.safetensors")
@@ -117,7 +128,8 @@ def test_the_judges_expected_score_in_transformers_is_the_brute_force_one(real_m
 
 
 @pytest.mark.parametrize("part,per_group,groups_at_least", [("results/labelling", 20, 7), ("results/decoding", 40, 7),
-                                                          ("results/trial-medical-lr2e-3-1ep", 40, 4)])
+                                                          ("results/trial-medical-lr2e-3-1ep", 40, 4),
+                                                          ("results/trials/T1", 32, 11), ("results/trials/T0.7", 32, 11)])
 def test_the_readers_labels_are_blind_complete_and_counted_by_hand(part, per_group, groups_at_least):
     """The shipped readings: every reader labelled every blind answer, the blind file carries no
     condition and no score, and the report's numbers are what the labels give when counted by hand."""
