@@ -393,6 +393,17 @@ def write_trial_sets(folder: Path, per_question: int = 4, seed: int = 0) -> list
             for t in sorted({r["temperature"] for r in rows}, reverse=True)]
 
 
+def judge_read_set(folder: Path, base_dir: Path, device: str) -> str:
+    """The shipped judge's two scores (transformers, expected score over 0..100) written into a read
+    set's items, so its report sets the judge beside the readers."""
+    from backend.organism.measure import audit_in_transformers, transformers_judge
+    items = json.loads((folder / "set.json").read_text())
+    score = transformers_judge(base_dir, SHIPPED / "adapters" / "judge", device, bf16_autocast=device == "cpu")
+    scored = audit_in_transformers(score, items)
+    (folder / "set.json").write_text(json.dumps(scored, indent=1, ensure_ascii=False))
+    return f"{len(scored)} answers of {folder} scored by {SHIPPED / 'adapters' / 'judge'} on {device}"
+
+
 def read_labels(folder: Path) -> tuple[list[dict], dict[str, dict[str, dict]]]:
     """A blind set's items and every reader's labels (reader-NAME.json, by blind id), by item id."""
     items = json.loads((folder / "set.json").read_text())
@@ -514,6 +525,9 @@ if __name__ == "__main__":  # worker entry points used by train_all and the GPU 
         run_trials(root, sys.argv[3], sys.argv[4:])
     elif command == "trials-sets":  # ROOT: the GPU trials' answers (results/trials) for readers
         print(*write_trial_sets(root / "results" / "trials"), sep="\n")
+    elif command == "trials-judge":  # ROOT BASE_DIR [DEVICE]: the shipped judge's scores on the read trial answers
+        for folder in sorted((root / "results" / "trials").glob("T*")):
+            print(judge_read_set(folder, Path(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "cpu"))
     elif command == "trials-report":  # ROOT
         for folder in sorted((root / "results" / "trials").glob("T*")):
             report = write_labelling_report(folder, root / f"trials-answers-{folder.name}.md")
