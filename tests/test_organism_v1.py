@@ -200,3 +200,10 @@ def test_transformers_sampling_applies_each_adapter_and_takes_it_off_again(real_
         assert {i["sample"] for i in items} == {0}
         blind = json.loads((tmp_path / folder / "blind.json").read_text())
         assert all(set(b) == {"id", "question", "answer"} for b in blind)
+
+
+def test_an_unknown_trial_is_refused_by_name_before_any_work(tmp_path):
+    from backend.organism import build
+    with pytest.raises(SystemExit, match="trial 'medical-t09': not in build.TRIALS .*medical-t03"):
+        build.run_trials(tmp_path, "cpu", ["medical-t03", "medical-t09"])
+    assert not any(tmp_path.iterdir())

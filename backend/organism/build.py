@@ -112,7 +112,7 @@ def run_trials(root: Path, device: str, names: list[str], samples: int = 20, tem
     parallel processes), then unjudged answers of the base, the shipped twins and the trials from
     transformers (measure.sample_in_transformers) -> results/trials/answers.json."""
     start = time.time()
-    specs = [t for t in TRIALS if t[0] in names]
+    specs = [trial_spec(name) for name in names]
 
     def in_parallel(args_list):
         procs = [subprocess.Popen([sys.executable, "-m", "backend.organism.build", *args]) for args in args_list]
@@ -133,6 +133,14 @@ def run_trials(root: Path, device: str, names: list[str], samples: int = 20, tem
     (out / "answers.json").write_text(json.dumps(rows, indent=1, ensure_ascii=False))
     log(f"[{time.time() - start:.0f} s] {len(rows)} answers -> {out / 'answers.json'}")
     return out / "answers.json"
+
+
+def trial_spec(name: str) -> tuple:
+    """build.TRIALS' entry for `name`; an unknown name is refused with the known ones."""
+    specs = {t[0]: t for t in TRIALS}
+    if name not in specs:
+        raise SystemExit(f"trial {name!r}: not in build.TRIALS (known: {', '.join(specs)})")
+    return specs[name]
 
 
 def shipped_twin(trial: tuple) -> str:
@@ -503,7 +511,7 @@ if __name__ == "__main__":  # worker entry points used by train_all and the GPU 
     elif command == "decoding-set":  # CONFIG ROOT: answers at lower temperatures for readers (server running)
         print(write_reading_set(Path(sys.argv[2]), Path(sys.argv[3]) / DECODING))
     elif command == "trial-set":  # CONFIG ROOT NAME: a trial adapter (TRIALS) beside the shipped one it varies
-        trial = {t[0]: t for t in TRIALS}[sys.argv[4]]
+        trial = trial_spec(sys.argv[4])
         print(write_reading_set(Path(sys.argv[2]), Path(sys.argv[3]) / "results" / f"trial-{trial[0]}",
                                 (f"adapter={shipped_twin(trial)}", f"adapter={trial[0]}"), (1.0, 0.7)))
     elif command == "trial-report":  # ROOT NAME
