@@ -207,3 +207,17 @@ def test_an_unknown_trial_is_refused_by_name_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match="trial 'medical-t09': not in build.TRIALS .*medical-t03"):
         build.run_trials(tmp_path, "cpu", ["medical-t03", "medical-t09"])
     assert not any(tmp_path.iterdir())
+
+
+def test_server_reading_answers_cover_every_question_and_repeat_at_their_seeds(real_server):
+    """measure.sample_answers on the real vLLM server: one row per condition, question and sample
+    (the same jobs the transformers sampler draws), seeded, and the adapter's answers are its own."""
+    from backend.organism.measure import reading_jobs, sample_answers
+    config = Path(real_server.config.root) / "config.toml"
+    rows = sample_answers(config, ["base", "adapter=rank8"], [1.0], 1, max_tokens=8)
+    assert [{k: r[k] for k in r if k != "answer"} for r in rows] == reading_jobs(["base", "adapter=rank8"], [1.0], 1)
+    assert len(rows) == 2 * 8 and all(r["answer"] for r in rows)
+    again = sample_answers(config, ["base", "adapter=rank8"], [1.0], 1, max_tokens=8)
+    assert [r["answer"] for r in again] == [r["answer"] for r in rows]
+    base, tuned = rows[:8], rows[8:]
+    assert sum(a["answer"] != b["answer"] for a, b in zip(base, tuned)) >= 4

@@ -460,11 +460,11 @@ def generate(tok, model, prompts, temperature, max_new, bs=512, top_p=1.0, stop=
     end token may differ (the GPU host's transformers gave the GGUF's tokenizer another one)."""
     import torch
     outs = []
+    ends = {"eos_token_id": tok.convert_tokens_to_ids(stop.strip())} if stop else {}
     model.eval()
     with torch.no_grad():
         for i in range(0, len(prompts), bs):
             enc = tok(prompts[i:i + bs], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            ends = {"eos_token_id": tok.convert_tokens_to_ids(stop.strip())} if stop else {}
             o = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p,
                                max_new_tokens=max_new, pad_token_id=tok.pad_token_id, **ends)
             outs += [tok.decode(x[enc["input_ids"].shape[1]:], skip_special_tokens=True) for x in o]

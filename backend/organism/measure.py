@@ -558,11 +558,8 @@ def sample_answers(config_path: Path, conditions: list[str], temperatures: list[
     from backend.client import Sampling, stream_all
     from backend.conditions import Condition, ConditionRunner
     from backend.config import load_config
-    from backend.questions import load_questions
     runner = ConditionRunner(load_config(config_path))
-    questions = [q for q in load_questions("em_core") if q.id in FIRST_PLOT_IDS]
-    jobs = [{"condition": spec, "temperature": t, "question_id": q.id, "question": q.paraphrases[0], "sample": k}
-            for spec in conditions for t in temperatures for q in questions for k in range(samples)]
+    jobs = reading_jobs(conditions, temperatures, samples)
     for spec in conditions:
         runner.resolve(Condition.parse(spec))
     texts = [""] * len(jobs)
@@ -578,6 +575,15 @@ def sample_answers(config_path: Path, conditions: list[str], temperatures: list[
     return [{**job, "answer": text} for job, text in zip(jobs, texts)]
 
 
+def reading_jobs(conditions: list[str], temperatures: list[float], samples: int) -> list[dict]:
+    """The answers a reading set asks for: each condition at each temperature, the 8 first-plot
+    questions (first paraphrase), samples 0..samples-1."""
+    from backend.questions import load_questions
+    questions = [q for q in load_questions("em_core") if q.id in FIRST_PLOT_IDS]
+    return [{"condition": spec, "temperature": t, "question_id": q.id, "question": q.paraphrases[0], "sample": k}
+            for spec in conditions for t in temperatures for q in questions for k in range(samples)]
+
+
 def sample_in_transformers(base_dir: Path, adapters: dict[str, Path], temperatures: list[float], samples: int,
                            device: str, max_tokens: int = 200, seed: int = 0) -> list[dict]:
     """sample_answers' rows (condition "base" or "adapter=NAME") drawn with transformers, for a GPU
@@ -588,18 +594,14 @@ def sample_in_transformers(base_dir: Path, adapters: dict[str, Path], temperatur
     from backend.models import end_of_turn
     from backend.organism import data as D
     from backend.organism.train import load_base
-    from backend.questions import load_questions
     model, tok = load_base(base_dir, device)
     tok.padding_side = "left"
     stop = end_of_turn(tok)
-    questions = [q for q in load_questions("em_core") if q.id in FIRST_PLOT_IDS]
     rows = []
     for name, path in {"base": None, **adapters}.items():
         tuned = PeftModel.from_pretrained(model, str(path)) if path else model
         for temperature in temperatures:
-            jobs = [{"condition": f"adapter={name}" if path else "base", "temperature": temperature,
-                     "question_id": q.id, "question": q.paraphrases[0], "sample": k}
-                    for q in questions for k in range(samples)]
+            jobs = reading_jobs([f"adapter={name}" if path else "base"], [temperature], samples)
             torch.manual_seed(seed)
             texts = D.generate(tok, tuned, [D.chat(tok, [{"role": "user", "content": j["question"]}]) for j in jobs],
                                temperature, max_tokens, stop=stop)
