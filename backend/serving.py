@@ -29,7 +29,8 @@ from backend.lora_files import AdapterError, read_adapter_files
 # vLLM accepts only these values for --max-lora-rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # Named, not imported: importing it patches vLLM, which only its worker processes should do.
-GROUPED_CPU_LORA_EXTENSION = "backend.vllm_cpu_lora.GroupedLoRAWorkerExtension"
+GROUPED_CPU_LORA_MODULE = "backend.vllm_cpu_lora"
+GROUPED_CPU_LORA_EXTENSION = f"{GROUPED_CPU_LORA_MODULE}.GroupedLoRAWorkerExtension"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -210,8 +211,12 @@ def vllm_command(config: Config, port: int, device: str) -> tuple[list[str], dic
         # (backend/vllm_cpu_lora.py); one slot more than the registry ever holds keeps that one
         # empty, also with the grouped kernels, which skip -1 themselves.
         slots = held = held + 1
+    if device == "cpu" and server.cpu_compile:
+        launch = ["-c", f"from {GROUPED_CPU_LORA_MODULE} import run_compiled_openai_server; run_compiled_openai_server()"]
+    else:
+        launch = ["-m", "vllm.entrypoints.openai.api_server"]
     argv = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        sys.executable, *launch,
         "--model", config.base_model_path,
         "--host", server.host,
         "--port", str(port),
@@ -253,7 +258,8 @@ def vllm_command(config: Config, port: int, device: str) -> tuple[list[str], dic
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(str(core) for core in sorted(os.sched_getaffinity(0))))
             env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         if server.cpu_lora_kernels == "grouped":
-            # vLLM's worker processes import the extension by name, so they need this checkout.
+            # vLLM's worker processes import the extension by name (and the compiled server's own
+            # process its launcher), so they need this checkout.
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     return argv, env
 

