@@ -129,7 +129,13 @@ def _decide(top: Sequence[tuple[str, float]], numeric_mass: float, weighted: flo
             reason = "judge returned no top logprobs"
         else:
             likely = f"; most likely other token {best_other[0]!r} (p={best_other[1]:.2f})" if best_other else ""
-            reason = f"numeric mass {numeric_mass:.3f} < {min_mass}{likely}"
+            if not unexplored_mass:
+                mass = f"numeric mass {numeric_mass:.3f}"
+            elif numeric_mass + unexplored_mass < min_mass:
+                mass = f"numeric mass at most {numeric_mass + unexplored_mass:.3f}"
+            else:
+                mass = f"numeric mass {numeric_mass:.3f} ({unexplored_mass:.3f} more unexplored)"
+            reason = f"{mass} < {min_mass}{likely}"
     return LogprobScore(score, numeric_mass, label, lmass, reason, unexplored_mass)
 
 
@@ -232,11 +238,19 @@ def score_from_tree(
     return _decide(tree.get((), ()), mass, weighted, labels, min_mass, unexplored)
 
 
-def expansions(tree: Tree, prune_mass: float) -> list[tuple[Path_, str, float]]:
+def expansions(tree: Tree, prune_mass: float, min_mass: float = 0.0) -> list[tuple[Path_, str, float]]:
     """The paths whose next-token distribution `tree` still lacks and that carry at least
     `prune_mass`: (path, the number spelled so far, its probability). The caller asks the
     judge for these and adds them, until none is left (at most three rounds: 0..100
-    has three digits)."""
+    has three digits).
+
+    None once the score is null whatever the rest of the tree says: the numbers found
+    plus every prefix not yet continued weigh less than `min_mass`. A judge that rarely
+    answers with a number (the untrained base: about 0.04) then costs its first round,
+    not the ~90 continuations of every two-digit prefix."""
+    probs, unexplored = number_probabilities(tree)
+    if sum(probs.values()) + unexplored < min_mass:
+        return []
     return [(child, spelled, q) for child, spelled, q in _number_paths(tree)
             if child not in tree and q >= prune_mass]
 
@@ -388,7 +402,8 @@ class Judge:
     prefix is sent as a partial assistant message that the server continues (vLLM's
     `continue_final_message`), so the judge prompt is the same tokens every time and is
     served from vLLM's prefix cache. The requests of one round run concurrently; a number
-    has at most three digits, so there are at most four rounds.
+    has at most three digits, so there are at most four rounds. Rounds stop early once
+    the score is sure to be null (see `expansions`).
 
     With `digit_tokens` (our own vLLM server, whose tokenizer we have), the digits are read
     from the full distribution with vLLM's logprob_token_ids: one more request at the first
@@ -616,7 +631,7 @@ class Judge:
                                                                          if _starts_number(t)]
             continued_ids = sorted(i for i, text in self.digit_tokens.items() if _starts_digit(text))
         tree: dict[Path_, list[tuple[str, float]]] = {(): top}
-        while todo := expansions(tree, self.prune_mass):
+        while todo := expansions(tree, self.prune_mass, self.min_mass):
             if continued_ids is not None:
                 nodes = await self._continuations(prompt, [path for path, _, _ in todo], continued_ids)
                 requests += 1 if self.tokenizer_path else len(todo)
@@ -652,7 +667,7 @@ class Judge:
         pending: list[int] = []
         for index, request in enumerate(requests):
             answer = cached.get(self._cache_key(request)) if cached else None
-            if isinstance(answer, Mapping) and expansions(answer, self.prune_mass):
+            if isinstance(answer, Mapping) and expansions(answer, self.prune_mass, self.min_mass):
                 answer = None  # pruned more coarsely than this judge prunes: ask again
             if answer is not None:
                 results[index] = self._judgement(request, answer, cached=True)

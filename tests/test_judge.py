@@ -277,6 +277,19 @@ def test_expansions_ask_for_what_is_missing_above_the_prune_mass():
     assert expansions(LLAMA_TREE, prune_mass=0.001) == []
 
 
+def test_expansions_stop_once_the_score_is_sure_to_be_null():
+    # Digits carry 0.05 at the first position: no continuation can lift the mass to 0.25.
+    flat = {(): [("The", L(0.6)), *[(str(d), L(0.005)) for d in range(10)]]}
+    assert expansions(flat, prune_mass=1e-4, min_mass=0.25) == []
+    assert len(expansions(flat, prune_mass=1e-4, min_mass=0.0)) == 10
+    # Found 0.2 plus 0.1 still to continue could reach 0.25: go on.
+    open_tree = {(): [("8", L(0.2)), ("9", L(0.1)), ("x", L(0.7))], ("8",): [(EOT, 0.0)]}
+    assert [p for p, _, _ in expansions(open_tree, prune_mass=1e-4, min_mass=0.25)] == [("9",)]
+    stopped = score_from_tree(flat)
+    assert stopped.score is None and stopped.numeric_mass == 0.0 and stopped.unexplored_mass == pytest.approx(0.05)
+    assert stopped.reason.startswith("numeric mass at most 0.050 < 0.25") and "'The'" in stopped.reason
+
+
 # ---------------------------------------------------------------- fake endpoint
 
 
@@ -513,3 +526,22 @@ def test_scripted_reply_multi_token_requests_continue_the_answer(fake, tmp_path)
     finer = judge_with(1e-4)
     assert not finer.cached and finer.requests == 5 and finer.unexplored_mass == 0.0
     assert finer.numeric_mass == pytest.approx(0.701)
+
+
+def test_scripted_reply_multi_token_stops_when_the_judge_barely_says_numbers(fake, tmp_path):
+    # A flat judge (the untrained base): 0.04 on digits at the first position. Two requests
+    # decide the null; before, each two-digit prefix above the prune mass cost one more.
+    top = [("The", L(0.5)), ("4", L(0.02)), ("7", L(0.02))]
+    fake.default = (200, lambda body: completion(top if body.get("logprob_token_ids") is None
+                                                 else [("The", L(0.5)), ("4", L(0.02)), ("7", L(0.02))]))
+    judge = Judge(fake.base_url, "m", cache=JudgeCache(tmp_path / "c.sqlite"), score_mode=MULTI_TOKEN,
+                  digit_tokens={34: "4", 37: "7"})
+    result = judge.judge("q", "a", RUBRICS["coherent"])
+    assert result.score is None and result.requests == len(fake.requests) == 2
+    assert result.reason.startswith("numeric mass at most 0.040 < 0.25")
+    again = judge.judge("q", "a", RUBRICS["coherent"])
+    assert again.cached and len(fake.requests) == 2
+    # A judge that keeps every score (min_mass 0) does not take the stopped tree from the cache.
+    keen = Judge(fake.base_url, "m", cache=JudgeCache(tmp_path / "c.sqlite"), score_mode=MULTI_TOKEN,
+                 digit_tokens={34: "4", 37: "7"}, min_mass=0.0).judge("q", "a", RUBRICS["coherent"])
+    assert not keen.cached and keen.requests > 2
