@@ -20,7 +20,7 @@ keeps vLLM's compiled mode (bench/results/cpu-speed.md has what it gains on 2 co
 
 vLLM loads this module in its worker processes through `--worker-extension-cls`, which
 serving.vllm_command passes when `[server] cpu_lora_kernels = "grouped"`; importing it replaces
-PunicaWrapperCPU.add_lora_linear; `run_compiled_openai_server` starts vLLM's OpenAI server with
+PunicaWrapperCPU.add_lora_linear and add_lora_logits; `run_compiled_openai_server` starts vLLM's OpenAI server with
 compilation kept. It imports nothing from the rest of backend/, so that the worker needs only torch
 and vLLM.
 """
@@ -97,10 +97,15 @@ class _StepMemo:
         return cached[1]
 
     def stacked_slots(self, lora_a: list[Tensor], lora_b: list[Tensor],
-                      used: list[tuple[int, TokenGroup, tuple[Tensor, Tensor]]], tokens: int) -> tuple[Tensor, Tensor, Tensor]:
+                      used: list[tuple[int, TokenGroup, tuple[Tensor, Tensor]]],
+                      tokens: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """For a batch whose adapters' tokens are interleaved: every used slot's A^T side by side,
-        their B^T stacked, and a [tokens, columns] mask that keeps each token's own slot's columns,
-        so that the whole batch costs two products and a product of masks."""
+        their B^T stacked, and a mask that keeps each token's own slot's columns, so that the
+        whole batch costs two products and a product of masks.
+
+        The mask covers every token of the batch, unless at least GATHER_ABOVE tokens have no
+        adapter (a judge prompt's prefill beside the decode steps of adapter requests): then it
+        covers only the rows with one, which come last, as an index for index_select/index_add_."""
         slots = tuple(slot for slot, _, _ in used)
         key = (lora_a[0].data_ptr(), slots)
         versions = tuple(t._version for t in (*lora_a, *lora_b))
@@ -109,14 +114,29 @@ class _StepMemo:
             cached = self.side_by_side[key] = (versions, torch.cat([a_t for _, _, (a_t, _) in used], dim=1),
                                                torch.cat([b_t for _, _, (_, b_t) in used], dim=0))
         widths = tuple((slot, a_t.shape[1]) for slot, _, (a_t, _) in used)
-        mask = self.masks.get(widths)
-        if mask is None:
-            mask = self.masks[widths] = torch.zeros(tokens, cached[1].shape[1], dtype=cached[1].dtype)
+        masked = self.masks.get(widths)
+        if masked is None:
+            positions = [_positions(where) for _, where, _ in used]
+            with_adapter = sum(len(p) for p in positions)
+            rows = torch.tensor(sorted(p for group in positions for p in group)) \
+                if tokens - with_adapter >= GATHER_ABOVE else None
+            mask = torch.zeros(tokens if rows is None else len(rows), cached[1].shape[1], dtype=cached[1].dtype)
+            row_of = None if rows is None else {p: r for r, p in enumerate(rows.tolist())}
             offset = 0
-            for _, where, (a_t, _) in used:
-                mask[where, offset:offset + a_t.shape[1]] = 1
+            for group, (_, _, (a_t, _)) in zip(positions, used):
+                mask[group if row_of is None else [row_of[p] for p in group], offset:offset + a_t.shape[1]] = 1
                 offset += a_t.shape[1]
-        return cached[1], cached[2], mask
+            masked = self.masks[widths] = (mask, rows)
+        return cached[1], cached[2], masked[0], masked[1]
+
+
+def _positions(where: "slice | Tensor") -> list[int]:
+    return list(range(where.start, where.stop)) if isinstance(where, slice) else where.tolist()
+
+
+# Tokens without an adapter in an interleaved batch from which on only the rows with one are
+# computed: below it, the two index ops (16 us each) cost more than the rows they save.
+GATHER_ABOVE = 64
 
 
 # A memo of the worker process, not state: every entry is checked against the version counters
@@ -138,8 +158,13 @@ def grouped_add(y: Tensor, x: Tensor, lora_a: list[Tensor], lora_b: list[Tensor]
         for _, where, (a_t, b_t) in used:
             _add_product(y[where], x[where], a_t, b_t, scale)
     else:  # decode of interleaved requests: index_select/index_add_ cost 16 us each per group
-        a_side, b_stacked, mask = _MEMO.stacked_slots(lora_a, lora_b, used, x.shape[0])
-        _add_product(y, x, a_side, b_stacked, scale, mask)
+        a_side, b_stacked, mask, rows = _MEMO.stacked_slots(lora_a, lora_b, used, x.shape[0])
+        if rows is None:
+            _add_product(y, x, a_side, b_stacked, scale, mask)
+        else:
+            shrunk = x.index_select(0, rows).to(a_side.dtype) @ a_side
+            shrunk *= mask
+            y.index_add_(0, rows, (shrunk @ b_stacked).to(y.dtype), alpha=scale)
 
 
 def _add_product(y: Tensor, x: Tensor, a_t: Tensor, b_t: Tensor, scale: float, mask: Tensor | None = None) -> None:
@@ -177,6 +202,28 @@ def grouped_add_lora_linear(self, y: Tensor, x: Tensor, lora_a_stacked, lora_b_s
                                   self._token_lora_indices)
 
 
+def grouped_add_lora_logits(self, y: Tensor, x: Tensor, lora_a_stacked: Tensor, lora_b_stacked: Tensor,
+                            scale: float, *, buffer=None, **kwargs) -> None:
+    """vLLM's PunicaWrapperCPU.add_lora_logits, in place like vLLM's. vLLM's gathers each sampled
+    row's own copy of the vocabulary-wide B (49152 x rank for SmolLM2), about a tenth of a judged
+    evaluation's server time, even when no adapter targets lm_head, as none of the organism's do.
+    Here rows are grouped by slot and a slot whose adapter leaves lm_head alone costs nothing.
+    It runs outside the compiled graph (vLLM compiles the model's forward, not its logits), so
+    it may read the batch in Python."""
+    y2, x2 = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
+    for slot, where in adapter_groups(self.sampler_indices):
+        pair = _MEMO.merged_slot([lora_a_stacked], [lora_b_stacked], [lora_b_stacked.shape[-2]], slot)
+        if pair is None:
+            continue
+        a_t, b_t = pair
+        width = min(b_t.shape[1], y2.shape[1])  # the adapter's and the model's vocabulary padding differ
+        product = (scale * (x2[where].to(a_t.dtype) @ a_t) @ b_t[:, :width]).to(y2.dtype)
+        if isinstance(where, slice):
+            y2[where, :width] += product
+        else:
+            y2[:, :width].index_add_(0, where, product)
+
+
 def install() -> bool:
     """Patch vLLM's CPU punica wrapper; False (and nothing changed) on a non-CPU build."""
     from vllm.platforms import current_platform
@@ -186,6 +233,7 @@ def install() -> bool:
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
     PunicaWrapperCPU.add_lora_linear = grouped_add_lora_linear
+    PunicaWrapperCPU.add_lora_logits = grouped_add_lora_logits
     return True
 
 

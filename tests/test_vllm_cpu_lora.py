@@ -13,7 +13,8 @@ import torch
 from backend.serving import GROUPED_CPU_LORA_EXTENSION, vllm_command
 
 PunicaWrapperCPU = pytest.importorskip("vllm.lora.punica_wrapper.punica_cpu").PunicaWrapperCPU
-VLLM_ADD_LORA_LINEAR = PunicaWrapperCPU.add_lora_linear  # saved before the import below patches it
+VLLM_ADD_LORA_LINEAR = PunicaWrapperCPU.add_lora_linear  # saved before the import below patches them
+VLLM_ADD_LORA_LOGITS = PunicaWrapperCPU.add_lora_logits
 
 from backend import vllm_cpu_lora  # noqa: E402
 
@@ -44,6 +45,7 @@ def wrapper(prefill: bool) -> PunicaWrapperCPU:
 
 def test_importing_the_extension_patches_the_cpu_wrapper():
     assert PunicaWrapperCPU.add_lora_linear is vllm_cpu_lora.grouped_add_lora_linear
+    assert PunicaWrapperCPU.add_lora_logits is vllm_cpu_lora.grouped_add_lora_logits
     module, _, name = GROUPED_CPU_LORA_EXTENSION.rpartition(".")
     assert module == vllm_cpu_lora.__name__ and hasattr(vllm_cpu_lora, name)
 
@@ -99,6 +101,49 @@ def by_hand(x, y, layout, lora_a, lora_b):
             expected[token, offset:offset + size] += (x[token] @ a[slot, 0].T) @ b[slot, 0].T
             offset += size
     return expected
+
+
+def test_a_prefill_beside_interleaved_decodes_computes_only_the_adapter_rows():
+    """A judge prompt's prefill (no adapter) in the same step as decodes of adapter requests:
+    the masked product runs over the adapter rows only, and gives the by-hand result."""
+    lora_a, lora_b = stacked(last_slot_empty=True)
+    layout = [0, 1, 0, 2] + [-1] * vllm_cpu_lora.GATHER_ABOVE + [1, 0]
+    punica = PunicaWrapperCPU(128, 8, "cpu")
+    punica._token_lora_indices[: len(layout)].copy_(torch.tensor(layout))
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(len(layout), WIDTH, generator=generator)
+    y = torch.randn(len(layout), sum(OUTPUTS), generator=generator)
+    _, _, mask, rows = vllm_cpu_lora._MEMO.stacked_slots(
+        lora_a, lora_b, [(slot, where, vllm_cpu_lora._MEMO.merged_slot(lora_a, lora_b, list(OUTPUTS), slot))
+                         for slot, where in vllm_cpu_lora.adapter_groups(torch.tensor(layout))], len(layout))
+    assert rows.tolist() == [0, 1, 2, 3, len(layout) - 2, len(layout) - 1] and mask.shape[0] == 6
+    ours = y.clone()
+    vllm_cpu_lora.grouped_add_lora_linear(punica, ours, x, lora_a, lora_b, 1.0, OUTPUTS)
+    assert torch.allclose(ours, by_hand(x, y, layout, lora_a, lora_b), rtol=1e-5, atol=1e-4)
+    assert torch.equal(ours[4:-2], y[4:-2])
+
+
+def logits_wrapper(rows: list[int]) -> PunicaWrapperCPU:
+    punica = PunicaWrapperCPU(64, 8, "cpu")
+    punica._sampler_indices[: len(rows)].copy_(torch.tensor(rows))
+    punica.indices_len = [len(rows)] * 4
+    return punica
+
+
+def test_logits_lora_equals_vllms_and_skips_adapters_without_lm_head():
+    generator = torch.Generator().manual_seed(5)
+    vocab, rows = 100, [1, -1, 0, 1, 2]  # one sampled row per request; slot 2 targets no lm_head
+    lora_a = torch.randn(SLOTS, 1, RANK, WIDTH, generator=generator)
+    lora_b = torch.randn(SLOTS, 1, vocab, RANK, generator=generator)
+    lora_a[2].zero_(), lora_b[2].zero_(), lora_a[-1].zero_(), lora_b[-1].zero_()  # as vLLM resets a slot
+    x = torch.randn(len(rows), WIDTH, generator=generator)
+    logits = torch.randn(len(rows), vocab, generator=generator)
+    theirs, ours = logits.clone(), logits.clone()
+    VLLM_ADD_LORA_LOGITS(logits_wrapper(rows), theirs, x, lora_a, lora_b, 1.0)
+    vllm_cpu_lora.grouped_add_lora_logits(logits_wrapper(rows), ours, x, lora_a, lora_b, 1.0)
+    assert (ours - logits).abs().max() > 1
+    assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-4)
+    assert torch.equal(ours[[1, 4]], logits[[1, 4]])  # no adapter, and an adapter without lm_head
 
 
 def test_one_compiled_graph_serves_every_later_batch_of_adapters():
