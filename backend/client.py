@@ -91,6 +91,9 @@ class ChatClient:
         return arguments
 
     def _explain(self, model: str, error: Exception) -> Exception:
+        if isinstance(error, openai.APITimeoutError):  # a subclass of APIConnectionError, but the server may well be up
+            return ChatError(f"model {model!r}: no next token from {self.url} within {self._client.timeout} s; "
+                             "the server is up but stuck or overloaded (its log is under the cache folder's logs/)")
         if isinstance(error, openai.APIConnectionError):
             return ServerError(f"vLLM server at {self.url} is not reachable ({error}); is it running? "
                                "Start it with `python -m backend serve --detach`.")
@@ -111,15 +114,29 @@ class ChatClient:
             raise self._explain(model, error) from None
 
     def complete(self, model: str, messages, sampling: Sampling = Sampling(), n: int = 1) -> list[Completion]:
+        """Whole answers, received as a stream: the timeout then bounds the wait for each next
+        token, not for the whole answer. A 300-token answer on a 2-core server busy with an
+        evaluation's judge prompts takes longer than the timeout (a step of 2048 prompt tokens
+        lasts about 1.5 s there), and a non-streamed request failed as unreachable."""
+        texts: dict[int, list[str]] = {index: [] for index in range(n)}
+        finish: dict[int, str | None] = {}
+        usage = None
         try:
-            response = self._client.chat.completions.create(n=n, **self._arguments(model, messages, sampling))
+            with self._client.chat.completions.create(n=n, stream=True, stream_options={"include_usage": True},
+                                                      **self._arguments(model, messages, sampling)) as chunks:
+                for chunk in chunks:
+                    usage = chunk.usage or usage
+                    for choice in chunk.choices:
+                        if choice.delta and choice.delta.content:
+                            texts.setdefault(choice.index, []).append(choice.delta.content)
+                        if choice.finish_reason:
+                            finish[choice.index] = choice.finish_reason
         except openai.OpenAIError as error:
             raise self._explain(model, error) from None
-        usage = response.usage
-        return [Completion(model=model, text=choice.message.content or "", finish_reason=choice.finish_reason,
+        return [Completion(model=model, text="".join(texts[index]), finish_reason=finish.get(index),
                            prompt_tokens=usage.prompt_tokens if usage else None,
                            completion_tokens=(usage.completion_tokens // n) if usage else None)
-                for choice in response.choices]
+                for index in sorted(texts)]
 
     def stream_many(self, requests: list[ChatRequest]) -> Iterator[tuple[int, str | Exception | None]]:
         return stream_all([partial(self.stream, r.model, r.messages, r.sampling) for r in requests])

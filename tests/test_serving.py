@@ -221,6 +221,22 @@ def test_a_dead_server_gives_a_clear_error(tmp_path, tiny_models):
     assert result.returncode == 2 and "not reachable" in result.stderr
 
 
+def test_a_silent_server_is_a_timeout_of_that_request_not_an_unreachable_one(tmp_path, tiny_models):
+    """A server that takes the connection and then says nothing (one overloaded by judge
+    prompts, or stuck): the request fails on its own with the reason, and an evaluation
+    counts it as one failed sample instead of stopping as if the server were gone."""
+    import socket
+
+    from backend.client import ChatError
+    from conftest import write_config
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        config = write_config(tmp_path, tiny_models["base"], {}, silent.getsockname()[1])
+        with pytest.raises(ChatError, match=r"model 'em': no next token from .* within 0.5 s; the server is up but stuck"):
+            ChatClient(config, timeout_s=0.5).complete("em", [{"role": "user", "content": "hi"}])
+
+
 # ---------------------------------------------------------------- start_server's refusals and failures
 
 
