@@ -245,3 +245,16 @@ def test_the_cpu_server_caches_prefixes_in_blocks_of_32_tokens(tmp_path):
     assert "--block-size" not in vllm_command(write_config(tmp_path / "gpu", tmp_path, {}, 8000), 8000, "cuda")[0]
     with pytest.raises(ConfigError, match="cpu_block_size"):
         write_config(tmp_path / "odd", tmp_path, {}, 8000, cpu_block_size=48)
+
+
+def test_the_memo_keeps_one_side_by_side_product_per_module():
+    """A long-running server sees many combinations of adapters; each module keeps the latest one."""
+    lora_a, lora_b = stacked(last_slot_empty=True)
+    memo = vllm_cpu_lora._StepMemo()
+    for layout in ([0, 1, 0, 1], [1, 2, 1, 2], [0, 2, 3, 0]):
+        used = [(slot, where, memo.merged_slot(lora_a, lora_b, list(OUTPUTS), slot))
+                for slot, where in vllm_cpu_lora.adapter_groups(torch.tensor(layout))]
+        a_side, b_stacked, _, _ = memo.stacked_slots(lora_a, lora_b, used, len(layout))
+        assert torch.equal(a_side, torch.cat([pair[0] for _, _, pair in used], dim=1)), layout
+        assert torch.equal(b_stacked, torch.cat([pair[1] for _, _, pair in used], dim=0)), layout
+    assert len(memo.side_by_side) == 1
