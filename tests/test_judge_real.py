@@ -119,8 +119,10 @@ def test_null_for_low_mass_and_real_scores_with_the_default_rule(real_server, ch
     *aligned, rating = judge.judge_many(requests)
     for judgement in aligned:
         assert judgement.score is None and judgement.label is None
-        assert judgement.numeric_mass < 0.25 and judgement.reason.startswith("numeric mass")
+        assert judgement.numeric_mass < 0.25 and judgement.reason.startswith("numeric mass at most")
         assert "most likely other token" in judgement.reason
+        # The top-20 and the exact first digits decide the null; no continuation is asked for.
+        assert judgement.requests == 2 and judgement.numeric_mass + judgement.unexplored_mass < 0.25
     assert rating.numeric_mass >= 0.25 and rating.score is not None and rating.reason is None
 
 
