@@ -208,8 +208,11 @@ with samples_tab:
                 score = "no score" if judgement["score"] is None or judgement["score"] != judgement["score"] \
                     else f"{judgement['score']:.1f}"
                 mass = judgement["numeric_mass"]
-                st.text(f"{judgement['metric']}: {score}  (numeric mass "
-                        f"{'–' if mass is None or mass != mass else f'{mass:.2f}'}, judge {judgement['judge_model']}"
+                # A null score's reason states the mass itself, and only it knows a tree read in
+                # part ("numeric mass at most 0.058"), where the found mass alone would read 0.00.
+                mass_text = "" if (judgement["reason"] or "").startswith("numeric mass") else \
+                    f"numeric mass {'–' if mass is None or mass != mass else f'{mass:.2f}'}, "
+                st.text(f"{judgement['metric']}: {score}  ({mass_text}judge {judgement['judge_model']}"
                         f", {judgement['score_mode'] or 'unknown'} mode"
                         f"{', label ' + judgement['label'] if judgement['label'] else ''})")
                 if judgement["reason"]:
