@@ -128,6 +128,20 @@ def test_twelve_concurrent_streams_over_three_models_all_complete(vllm_server):
     assert time.monotonic() - started < 120
 
 
+def test_whole_answers_arrive_in_chunks_without_losing_a_token(vllm_server):
+    """complete() asks for COMPLETE_STREAM_INTERVAL tokens a chunk; the text, the finish reason
+    and the token count must be those of the same seeded answer streamed token by token."""
+    from backend.client import COMPLETE_STREAM_INTERVAL
+
+    client = ChatClient(vllm_server.config)
+    sampling = Sampling(max_tokens=2 * COMPLETE_STREAM_INTERVAL + 5, seed=3, temperature=1.0)
+    message = [{"role": "user", "content": "Tell me about money."}]
+    whole = client.complete("em-rank1", message, sampling)[0]
+    by_token = "".join(client.stream("em-rank1", message, sampling))
+    assert whole.completion_tokens == sampling.max_tokens and whole.finish_reason == "length"
+    assert whole.text == by_token and len(whole.text) > COMPLETE_STREAM_INTERVAL
+
+
 def test_seeded_sampling_is_reproducible_and_adapters_differ(vllm_server):
     client = ChatClient(vllm_server.config)
     sampling = Sampling(max_tokens=16, seed=7, temperature=1.0, system_prompt="Be brief.")
