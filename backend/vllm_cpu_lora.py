@@ -26,8 +26,6 @@ and vLLM.
 """
 from __future__ import annotations
 
-import ctypes
-import os
 import runpy
 
 import torch
@@ -167,39 +165,9 @@ def grouped_add(y: Tensor, x: Tensor, lora_a: list[Tensor], lora_b: list[Tensor]
         _add_product(y, x, a_side, b_stacked, scale, mask, rows)
 
 
-def _mkl_local_threads():
-    """MKL's per-thread thread count setter from torch's own MKL, or None (a build without MKL)."""
-    try:
-        setter = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")).MKL_Set_Num_Threads_Local
-    except (OSError, AttributeError):
-        return None
-    setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
-    return setter
-
-
-_SET_MKL_LOCAL_THREADS = _mkl_local_threads()
-# Rows up to which the products run on one MKL thread. A decode step's products are a few
-# vectors against matrices of ~100 KB; MKL splits them over the OpenMP team anyway, and in the
-# server the caller then spent most of each product waiting for the other thread (py-spy: 95 %
-# of the op's samples in libgomp under mkl_blas_sgemv_omp). oneDNN's base matmuls keep both.
-SINGLE_THREAD_ROWS = 8
-
-
 def _add_product(y: Tensor, x: Tensor, a_t: Tensor, b_t: Tensor, scale: float, mask: Tensor | None = None,
                  rows: Tensor | None = None) -> None:
     """y += scale * ((x @ a_t) * mask) @ b_t, in place; with `rows`, on those rows of x and y only."""
-    if _SET_MKL_LOCAL_THREADS is None or (x.shape[0] if rows is None else rows.shape[0]) > SINGLE_THREAD_ROWS:
-        _products(y, x, a_t, b_t, scale, mask, rows)
-        return
-    _SET_MKL_LOCAL_THREADS(1)
-    try:
-        _products(y, x, a_t, b_t, scale, mask, rows)
-    finally:
-        _SET_MKL_LOCAL_THREADS(0)  # back to the process-wide count
-
-
-def _products(y: Tensor, x: Tensor, a_t: Tensor, b_t: Tensor, scale: float, mask: Tensor | None,
-              rows: Tensor | None) -> None:
     shrunk = (x if rows is None else x.index_select(0, rows)).to(a_t.dtype) @ a_t
     if mask is not None:
         shrunk *= mask

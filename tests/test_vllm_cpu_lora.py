@@ -123,35 +123,6 @@ def test_a_prefill_beside_interleaved_decodes_computes_only_the_adapter_rows():
     assert torch.equal(ours[4:-2], y[4:-2])
 
 
-def test_small_batches_multiply_on_one_mkl_thread_and_give_mkl_its_count_back(monkeypatch):
-    """Decode-sized products run on one MKL thread (MKL's per-thread setting, set and cleared
-    around them), larger ones on the process-wide count; the result is the by-hand one either way."""
-    real = vllm_cpu_lora._SET_MKL_LOCAL_THREADS
-    if torch.backends.mkl.is_available():
-        assert real is not None, "torch has MKL but its per-thread setter was not found"
-    calls: list[int] = []
-    monkeypatch.setattr(vllm_cpu_lora, "_SET_MKL_LOCAL_THREADS", lambda n: calls.append(n) or 0)
-    lora_a, lora_b = stacked(last_slot_empty=True)
-    generator = torch.Generator().manual_seed(6)
-    for layout, single_thread in (([0] * vllm_cpu_lora.SINGLE_THREAD_ROWS, True),
-                                  ([0] * (vllm_cpu_lora.SINGLE_THREAD_ROWS + 1), False)):
-        calls.clear()
-        punica = PunicaWrapperCPU(64, 8, "cpu")
-        punica._token_lora_indices[: len(layout)].copy_(torch.tensor(layout))
-        x = torch.randn(len(layout), WIDTH, generator=generator)
-        y = torch.randn(len(layout), sum(OUTPUTS), generator=generator)
-        ours = y.clone()
-        vllm_cpu_lora.grouped_add_lora_linear(punica, ours, x, lora_a, lora_b, 1.0, OUTPUTS)
-        assert torch.allclose(ours, by_hand(x, y, layout, lora_a, lora_b), rtol=1e-5, atol=1e-4)
-        assert calls == ([1, 0] if single_thread else [])
-    if real is not None:  # the real setter: after a small product the thread is back on the global count
-        monkeypatch.setattr(vllm_cpu_lora, "_SET_MKL_LOCAL_THREADS", real)
-        y = torch.zeros(1, 8)
-        vllm_cpu_lora._add_product(y, torch.ones(1, 4), torch.ones(4, 2), torch.ones(2, 8), 0.5)
-        assert torch.equal(y, torch.full((1, 8), 4.0))
-        assert real(0) == 0
-
-
 def logits_wrapper(rows: list[int]) -> PunicaWrapperCPU:
     punica = PunicaWrapperCPU(64, 8, "cpu")
     punica._sampler_indices[: len(rows)].copy_(torch.tensor(rows))
