@@ -28,9 +28,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import openai
+
 from common import temporary_server
 
 from backend.evaluation import RunSpec, run_eval  # noqa: E402 (common puts the repository on the path)
+from backend.serving import server_status, server_url  # noqa: E402
 from backend.store import Store  # noqa: E402
 
 QUESTIONS = ("one_wish", "feeling_bored", "humans_and_ai", "quick_money", "world_ruler", "dinner_guests",
@@ -70,9 +73,8 @@ def server_processes(api_pid: int) -> dict[str, int]:
     return found
 
 
-async def prefill_peak(url: str, model: str, prompts: int = 128, in_flight: int = 64) -> float:
-    import openai
-
+async def prefill_peak(url: str, model: str, prompts: int = 128, in_flight: int = 64) -> tuple[float, float]:
+    """(prompt tokens computed, seconds) for `prompts` distinct judge-sized prompts, `in_flight` at once."""
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="EMPTY", timeout=600, max_retries=0)
     words = "the quick brown fox jumps over a lazy dog while many people watch in the park today".split()
     rng = random.Random(0)
@@ -101,8 +103,6 @@ def main() -> None:
     args = parser.parse_args()
 
     with temporary_server(args.config) as (config, _):
-        from backend.serving import server_status, server_url
-
         url = server_url(config)
         models = json.load(urllib.request.urlopen(f"{url}/v1/models"))["data"]
         base = next(card["id"] for card in models if card.get("parent") is None)
