@@ -22,7 +22,6 @@ import os
 import random
 import re
 import resource
-import subprocess
 import sys
 import time
 import urllib.request
@@ -32,7 +31,8 @@ import openai
 
 from common import temporary_server
 
-from backend.evaluation import RunSpec, run_eval  # noqa: E402 (common puts the repository on the path)
+from backend.client import BASE, ChatClient  # noqa: E402 (common puts the repository on the path)
+from backend.evaluation import RunSpec, run_eval  # noqa: E402
 from backend.serving import server_status, server_url  # noqa: E402
 from backend.store import Store  # noqa: E402
 
@@ -58,18 +58,36 @@ def counters(url: str) -> dict[str, float]:
     return found
 
 
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name (which may hold spaces): state, ppid, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def server_processes(api_pid: int) -> dict[str, int]:
-    """The API server and its engine-core and worker descendants, by their process titles."""
-    found = {"API server": api_pid}
-    children = subprocess.run(["pgrep", "-f", "VLLM::"], capture_output=True, text=True).stdout.split()
-    for pid in map(int, children):
-        title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-        found["engine core" if "EngineCore" in title else "worker" if "Worker" in title else title] = pid
+    """The API server and its engine-core and worker descendants, by their process titles; a
+    vLLM server of someone else's on the same machine is not counted."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int(_stat(int(entry.name))[1])
+            except (OSError, IndexError, ValueError):
+                continue  # gone since the listing
+    found, frontier = {"API server": api_pid}, [api_pid]
+    while frontier:
+        parent = frontier.pop()
+        for pid in (child for child, of in parents.items() if of == parent):
+            frontier.append(pid)
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            if "EngineCore" in title:
+                found["engine core"] = pid
+            elif "Worker" in title:
+                found["worker"] = pid
     return found
 
 
@@ -104,9 +122,7 @@ def main() -> None:
 
     with temporary_server(args.config) as (config, _):
         url = server_url(config)
-        models = json.load(urllib.request.urlopen(f"{url}/v1/models"))["data"]
-        base = next(card["id"] for card in models if card.get("parent") is None)
-        tokens, wall = asyncio.run(prefill_peak(url, base))
+        tokens, wall = asyncio.run(prefill_peak(url, ChatClient(config).served_name(BASE)))
         peak = tokens / wall
         print(f"prefill peak: {tokens:.0f} computed tokens in {wall:.1f} s = {peak:.0f} tokens/s")
 
